@@ -1,0 +1,95 @@
+"""Named faults. Bad input is data: the CPU stage turns an InputFault into a ledger row, never a crashed job.
+
+Every fault names the input and the cause, and says whether a rerun may succeed by itself (`transient`: storage
+timeouts, throttling) or not (`permanent`: the content cannot be decoded). Messages never carry credentials.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A systemic failure that stops the run with one clear message (bad model, bad credentials, bad config)."""
+
+
+class InputFault(Exception):
+    """One input cannot be turned into segments. Subclasses set `kind` and `transient`."""
+
+    kind = "input"
+    transient = False
+
+    def __init__(self, uri: str, cause: str, hint: str | None = None):
+        self.uri = uri
+        self.cause = cause
+        self.hint = hint
+        text = f"{uri}: {cause}"
+        if hint:
+            text += f" ({hint})"
+        super().__init__(text)
+
+    @property
+    def error_kind(self) -> str:
+        return self.kind
+
+
+class InputNotFound(InputFault):
+    kind = "not_found"
+    transient = False
+
+
+class StorageError(InputFault):
+    """The object store failed to serve the input (timeout, throttling, connection reset)."""
+
+    kind = "storage"
+    transient = True
+
+
+class AccessDenied(InputFault):
+    kind = "access_denied"
+    transient = False
+
+
+class DecodeError(InputFault):
+    kind = "decode"
+    transient = False
+
+
+class NoAudioStream(InputFault):
+    kind = "no_audio_stream"
+    transient = False
+
+
+class EmptyAudio(InputFault):
+    """The file holds an audio stream but no samples (or the file itself is empty)."""
+
+    kind = "empty"
+    transient = False
+
+
+class NonFiniteAudio(InputFault):
+    kind = "non_finite"
+    transient = False
+
+
+class DecodeTimeout(InputFault):
+    kind = "decode_timeout"
+    transient = False
+
+
+class DecoderCrashed(InputFault):
+    kind = "decoder_crash"
+    transient = False
+
+
+class TooShort(InputFault):
+    """Decoded fine, but shorter than the minimum segment: ledger status `too_short`, not `error`."""
+
+    kind = "too_short"
+    transient = False
+
+
+def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """Remove secret values (keys, tokens) from a message before it is logged or stored."""
+    for s in secrets:
+        if s and isinstance(s, str) and len(s) >= 4:
+            text = text.replace(s, "***")
+    return text
