@@ -5,7 +5,7 @@ An invalid value raises ValueError naming the field, the value and what is allow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -27,3 +27,182 @@ class SegmentConfig:
     @property
     def hop(self) -> float:
         return float(self.window_s if self.hop_s is None else self.hop_s)
+
+
+GRANULARITIES = ("segment", "recording", "frame")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("float32", "float16")
+AUDIO_EXTENSIONS = (
+    ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".aif", ".aiff", ".wma", ".webm",
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs. Field names are the YAML keys; CLI flags override them."""
+
+    input: str  # a prefix/folder/file (any fsspec URI), or a manifest (.csv/.parquet) when `manifest` is true
+    output: str  # the feature table's root (any fsspec URI)
+    model: str = "MERT-v1-95M"  # registry name, hub id[@revision], local directory, or object-storage prefix
+    manifest: bool = False  # input is a Parquet/CSV manifest with a `uri` column (and optional `recording_id`)
+    glob: str | None = None  # pattern below the prefix, e.g. "**/*.flac"; default: every file, recursively
+    extensions: tuple[str, ...] = AUDIO_EXTENSIONS  # kept when listing a prefix (case-insensitive); () = all
+    layers: tuple[int, ...] | None = None  # hidden-state indices to keep; None = all
+    window_s: float = 5.0
+    hop_s: float | None = None
+    min_segment_s: float = 1.0
+    granularity: str = "segment"  # segment | recording | frame
+    normalize: bool | None = None  # None: what the checkpoint's preprocessor_config.json says
+    compute_dtype: str = "float32"  # float32 | bfloat16 | float16 (half types need a GPU)
+    storage_dtype: str = "float32"  # float32 | float16
+    batch_size: int = 8  # segments per model call (equal-length only)
+    num_gpus: int | None = None  # GPUs to use (one actor each); None = all the cluster has; 0 = CPU actors
+    num_actors: int | None = None  # embed actors when running on CPU; None = 1
+    cpus_per_actor: float | None = None  # CPU actors: cores reserved (and torch threads); None = auto
+    decode_workers: int | None = None  # concurrent decode tasks; None = auto
+    storage_options: dict | None = None  # fsspec options for the input (endpoint, credentials, anon)
+    output_storage_options: dict | None = None  # for the output; None = same as storage_options
+    model_cache: str | None = None  # where remote checkpoints are staged on each node
+    address: str | None = None  # Ray cluster address; None = RAY_ADDRESS, else a local Ray
+    retry_errors: bool = False  # reprocess inputs whose last row is a permanent error
+    max_error_rate: float = 0.5  # stop the run when more than this fraction of processed inputs fail ...
+    error_rate_min_inputs: int = 20  # ... once at least this many have been processed
+    decode_timeout_s: float = 600.0  # one input's decode time limit
+    commit_interval_s: float = 60.0  # commit a shard at least this often (bounds what a crash loses)
+    shard_max_recordings: int = 2000  # ... or when it holds this many recordings
+    shard_max_mb: float = 512.0  # ... or this much embedding data (a layer file is ~ this / layers)
+    lease_ttl_s: float = 120.0  # the table lease expires this long after the last renewal
+    lease_wait_s: float = 0.0  # wait this long for another run's lease before giving up
+    run_id: str | None = None  # default: UTC time + random suffix
+    dry_run: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str) -> ValueError:
+            return ValueError(f"{field}={getattr(self, field)!r}: {allowed}")
+
+        if not isinstance(self.input, str) or not self.input:
+            raise bad("input", "give a folder, a prefix URI (s3://bucket/audio/) or a manifest file")
+        if not isinstance(self.output, str) or not self.output:
+            raise bad("output", "give a folder or a prefix URI for the feature table")
+        if not isinstance(self.model, str) or not self.model:
+            raise bad("model", "give a registry name (see `mert-pipeline models`), a hub id, a folder or a URI")
+        self.segment_config()  # validates window_s, hop_s, min_segment_s
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", f"must be one of {', '.join(GRANULARITIES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise bad("compute_dtype", f"must be one of {', '.join(COMPUTE_DTYPES)}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise bad("storage_dtype", f"must be one of {', '.join(STORAGE_DTYPES)}")
+        if self.layers is not None:
+            if not self.layers or any((not isinstance(i, int)) or i < 0 for i in self.layers):
+                raise bad("layers", "must be non-negative hidden-state indices, e.g. 6,7,12")
+            if len(set(self.layers)) != len(self.layers):
+                raise bad("layers", "lists a layer twice")
+        for name in ("batch_size", "shard_max_recordings", "error_rate_min_inputs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be a whole number >= 1")
+        for name in ("num_gpus",):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise bad(name, "must be a whole number >= 0")
+        for name in ("num_actors", "decode_workers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise bad(name, "must be a whole number >= 1")
+        if self.cpus_per_actor is not None and not (self.cpus_per_actor > 0):
+            raise bad("cpus_per_actor", "must be > 0")
+        if not (isinstance(self.max_error_rate, (int, float)) and 0 < self.max_error_rate <= 1):
+            raise bad("max_error_rate", "must be a fraction in (0, 1]")
+        for name in ("decode_timeout_s", "commit_interval_s", "shard_max_mb", "lease_ttl_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise bad(name, "must be a positive number")
+        if not (isinstance(self.lease_wait_s, (int, float)) and self.lease_wait_s >= 0):
+            raise bad("lease_wait_s", "must be >= 0 seconds")
+        for name in ("storage_options", "output_storage_options"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, dict):
+                raise bad(name, "must be a mapping of fsspec options")
+
+    def segment_config(self) -> SegmentConfig:
+        return SegmentConfig(window_s=self.window_s, hop_s=self.hop_s, min_segment_s=self.min_segment_s)
+
+    @property
+    def out_options(self) -> dict:
+        return dict(self.output_storage_options if self.output_storage_options is not None
+                    else (self.storage_options or {}))
+
+    @property
+    def in_options(self) -> dict:
+        return dict(self.storage_options or {})
+
+    def public_dict(self) -> dict:
+        """The configuration as written next to the output: storage options are reduced to their key names."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("storage_options", "output_storage_options") and v is not None:
+                v = sorted(_flatten_keys(v))
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+
+def _flatten_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            keys += _flatten_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML run config: a mapping whose keys are RunConfig fields."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config must be a YAML mapping of option: value")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return data
+
+
+def make_config(values: dict) -> RunConfig:
+    """Build a RunConfig from a mapping (YAML and CLI merged), normalizing list values to tuples."""
+    v = dict(values)
+    for key in ("layers", "extensions"):
+        if isinstance(v.get(key), list):
+            v[key] = tuple(v[key])
+        if isinstance(v.get(key), str):
+            v[key] = parse_list(v[key], int if key == "layers" else str)
+    return RunConfig(**v)
+
+
+def parse_list(text: str, kind=int) -> tuple:
+    """'6,7,12' -> (6, 7, 12); '0-3' ranges allowed for ints."""
+    out: list = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if kind is int and "-" in part[1:]:
+            a, b = part.split("-", 1)
+            try:
+                out.extend(range(int(a), int(b) + 1))
+            except ValueError:
+                raise ValueError(f"layers: {part!r} is not a range like 4-8") from None
+            continue
+        try:
+            out.append(kind(part))
+        except ValueError:
+            raise ValueError(f"{part!r} is not a valid {kind.__name__}") from None
+    return tuple(out)
