@@ -93,3 +93,10 @@ def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
         if s and isinstance(s, str) and len(s) >= 4:
             text = text.replace(s, "***")
     return text
+
+
+class ModelLoadError(PipelineError):
+    """A checkpoint cannot be found, fetched or loaded (no config.json, unknown architecture, bad weights).
+
+    The message names the checkpoint's path or URI, what is wrong and what to do; the run stops before any input.
+    """

@@ -1,0 +1,580 @@
+"""The model layer: find a MERT checkpoint, stage it on this node, and build transformers' model from it.
+
+A checkpoint is a directory (local, on the hub, or under an fsspec prefix) holding `config.json`,
+`preprocessor_config.json` and the weights (`model.safetensors`, else `pytorch_model.bin`). Released MERT
+configs declare `model_type` `mert_model` (older: `music_hubert`, `hubert`) with an `auto_map` to remote code;
+their weights are exactly a transformers `HubertModel` of the same config, so the remote code is never run: the
+model is built from config.json alone. music2vec-v1 is a stock `Data2VecAudioModel`.
+
+Loading is strict (every key present, none extra, every shape right); a pickle is only read with
+`torch.load(..., weights_only=True)`. Every failure is a `ModelLoadError` naming the path and what to do.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import ModelLoadError, redact
+from pipeline.registry import MODEL_TYPES, REGISTRY, ModelSpec, by_hub_id, spec_from_config
+from pipeline.storage import canonical_uri, get_fs, scheme_of
+
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+SAFETENSORS_FILE = "model.safetensors"
+BIN_FILE = "pytorch_model.bin"
+WEIGHT_FILES = (SAFETENSORS_FILE, BIN_FILE)  # in order of preference
+CHECKPOINT_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, *WEIGHT_FILES)
+
+# Weight-norm parameter names of the positional conv: transformers <= 4.2x (which wrote the published files)
+# used torch.nn.utils.weight_norm; newer versions use the parametrizations API.
+WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+
+# Used only at training time (SpecAugment); some exports omit it. Never influences inference.
+OPTIONAL_KEYS = ("masked_spec_embed",)
+
+# Config switches of the original MERT code that no released checkpoint turns on and transformers cannot build.
+REFUSED_SWITCHES = {
+    "feature_extractor_cqt": "the CQT feature branch",
+    "deepnorm": "DeepNorm residual scaling",
+}
+
+# Generic PretrainedConfig entries that describe the saving context, not the architecture.
+_CONFIG_DROP = {
+    "architectures", "auto_map", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
+    "output_hidden_states", "output_attentions", "return_dict", "tie_last_hidden_states", "id2label",
+    "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "num_feat_extract_layers",
+    "_attn_implementation", "attn_implementation",
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas", "session")
+_ENV_CACHE = "MERT_PIPELINE_CACHE"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A built model and everything needed to describe where its numbers came from."""
+
+    spec: ModelSpec  # registry facts (registered names/hub ids) or derived by registry.spec_from_config
+    model: torch.nn.Module  # transformers HubertModel or Data2VecAudioModel, eval mode, CPU, float32
+    config: dict  # the raw config.json
+    do_normalize: bool  # preprocessor_config.json do_normalize (False when absent)
+    source: str  # what was asked for: registry name, "m-a-p/X@rev", local dir, or fsspec prefix
+    revision: str | None  # hub commit hash when loaded from the hub, else None
+    content_hash: str  # sha256 hex over config.json + preprocessor_config.json + the weight file
+    local_dir: str  # where the files are on this node
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frame counts
+
+
+def num_frames(num_samples: int, config: dict) -> int:
+    """Hidden-state frames the conv front end makes of `num_samples` samples; 0 when too short for one frame.
+
+    Per conv layer: floor((L - kernel) / stride) + 1 (no padding). `config` is the raw config.json.
+    """
+    kernels, strides = config.get("conv_kernel"), config.get("conv_stride")
+    if not kernels or not strides or len(kernels) != len(strides):
+        raise ValueError("config.json must list conv_kernel and conv_stride of equal length")
+    n = int(num_samples)
+    for k, s in zip(kernels, strides, strict=True):
+        if n < k:
+            return 0
+        n = (n - k) // s + 1
+    return n
+
+
+def receptive_field(config: dict) -> int:
+    """The fewest samples that give one frame (the conv front end's receptive field)."""
+    n = 1
+    for k, s in reversed(list(zip(config["conv_kernel"], config["conv_stride"], strict=True))):
+        n = (n - 1) * s + k
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resolving a reference to a local directory
+
+
+@dataclass(frozen=True)
+class _Ref:
+    kind: str  # "hub" | "local" | "remote"
+    target: str  # hub id, absolute local path, or canonical URI
+    revision: str | None  # requested hub revision (branch, tag or commit)
+    registered: ModelSpec | None  # the registry entry when a registered name or hub id was asked for
+
+
+def _parse_ref(ref: str) -> _Ref:
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelLoadError(f"model reference {ref!r} is empty: give a registry name ({', '.join(REGISTRY)}), "
+                             "a hub id, a local directory or an object-storage prefix")
+    ref = ref.strip()
+    scheme = scheme_of(ref)
+    if scheme != "file":
+        return _Ref("remote", canonical_uri(ref).rstrip("/"), None, None)
+    path = ref[len("file://"):] if ref.startswith("file://") else ref
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        return _Ref("local", path, None, None)
+    name, _, revision = ref.partition("@")
+    revision = revision or None
+    if name in REGISTRY:
+        return _Ref("hub", REGISTRY[name].hub_id, revision, REGISTRY[name])
+    if _HUB_ID.match(name) and not ref.startswith(("/", ".", "~", "file://")):
+        return _Ref("hub", name, revision, by_hub_id(name))
+    raise ModelLoadError(
+        f"{ref}: no such directory, and not a registry name ({', '.join(REGISTRY)}) or a hub id: "
+        "give a directory holding config.json and the weights, or an object-storage prefix (s3://...)"
+    )
+
+
+def default_cache_dir() -> str:
+    """Where remote checkpoints are staged: $MERT_PIPELINE_CACHE or ~/.cache/mert-pipeline/models."""
+    return os.environ.get(_ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "mert-pipeline", "models")
+
+
+def resolve_model_dir(
+    ref: str, storage_options: dict | None = None, cache_dir: str | None = None
+) -> tuple[str, str | None]:
+    """ref -> (local directory holding the checkpoint files, hub commit hash or None).
+
+    ref: a registry name ("MERT-v1-95M" -> its hub id), a hub id with optional "@revision", a local directory,
+    or an fsspec URI prefix (s3://bucket/models/MERT-v1-95M/) holding config.json, preprocessor_config.json and
+    the weights. Hub checkpoints go through huggingface_hub's own cache. Remote prefixes are staged once per
+    node into `cache_dir` (default `default_cache_dir()`), keyed by the URI and the objects' sizes and ETags so
+    that a changed checkpoint is staged again; concurrent loads on one node download once (file lock, download
+    into a temporary directory, atomic rename).
+    """
+    parsed = _parse_ref(ref)
+    if parsed.kind == "local":
+        return parsed.target, None
+    if parsed.kind == "hub":
+        return _hub_snapshot(parsed, weights=True)
+    return _stage_remote(parsed.target, storage_options, cache_dir or default_cache_dir()), None
+
+
+def _hub_error(parsed: _Ref, exc: BaseException) -> ModelLoadError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    what = parsed.target + (f"@{parsed.revision}" if parsed.revision else "")
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelLoadError(f"{what}: the hub has no revision {parsed.revision!r}: check the branch, tag or commit")
+    if isinstance(exc, (RepositoryNotFoundError, GatedRepoError)):
+        return ModelLoadError(f"{what}: the hub refuses or has no such repository ({type(exc).__name__}): "
+                              "check the id and the HF_TOKEN")
+    return ModelLoadError(
+        f"{what}: the model hub is unreachable and the checkpoint is not in the local hub cache "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Clusters often cannot reach "
+        "the hub: copy config.json, preprocessor_config.json and the weights to a local directory or an "
+        "object-storage prefix (s3://bucket/models/NAME/) and pass that instead"
+    )
+
+
+def _hub_snapshot(parsed: _Ref, weights: bool) -> tuple[str, str | None]:
+    """Download (or find in huggingface_hub's cache) just the checkpoint files of a hub repository."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [CONFIG_FILE, PREPROCESSOR_FILE] + ([SAFETENSORS_FILE] if weights else [])
+    try:
+        folder = snapshot_download(parsed.target, revision=parsed.revision, allow_patterns=patterns)
+        if weights and not os.path.exists(os.path.join(folder, SAFETENSORS_FILE)):
+            folder = snapshot_download(parsed.target, revision=parsed.revision, allow_patterns=[BIN_FILE])
+    except Exception as exc:  # the hub client raises many types for "offline"; all end in one clear message
+        raise _hub_error(parsed, exc) from exc
+    revision = os.path.basename(os.path.normpath(folder))
+    return folder, revision
+
+
+def _secrets(options: dict | None) -> list[str]:
+    out: list[str] = []
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            out += _secrets(v)
+        elif isinstance(v, str) and any(w in k.lower() for w in _SECRET_WORDS):
+            out.append(v)
+    return out
+
+
+def _list_remote(uri: str, storage_options: dict | None) -> tuple[object, str, dict[str, dict]]:
+    """(filesystem, root path, {file name: listing entry}) of the checkpoint files under a prefix."""
+    secrets = _secrets(storage_options)
+    try:
+        fs, root = get_fs(uri, storage_options)
+    except ImportError as exc:
+        raise ModelLoadError(f"{uri}: {exc}") from exc
+    root = root.rstrip("/")
+    try:
+        fs.invalidate_cache(root)  # a re-uploaded checkpoint must be seen as changed
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{uri}: no such prefix: check the URI (it must hold {CONFIG_FILE} and the weights)") \
+            from exc
+    except Exception as exc:
+        msg = redact(f"{type(exc).__name__}: {exc}", secrets)
+        raise ModelLoadError(f"{uri}: cannot list the checkpoint prefix ({msg}): check the URI, the "
+                             "credentials and the storage options") from exc
+    files = {}
+    for e in entries:
+        name = e.get("name", "").rstrip("/").rsplit("/", 1)[-1]
+        if e.get("type") == "file" and name in CHECKPOINT_FILES:
+            files[name] = e
+    if CONFIG_FILE not in files:
+        raise ModelLoadError(f"{uri}: no {CONFIG_FILE} under this prefix: a checkpoint directory holds "
+                             f"{CONFIG_FILE}, {PREPROCESSOR_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}")
+    return fs, root, files
+
+
+def _stage_remote(uri: str, storage_options: dict | None, cache_dir: str) -> str:
+    fs, root, files = _list_remote(uri, storage_options)
+    weight = next((w for w in WEIGHT_FILES if w in files), None)
+    if weight is None:
+        raise ModelLoadError(f"{uri}: no weights file under this prefix: expected {SAFETENSORS_FILE} or {BIN_FILE}")
+    wanted = [n for n in (CONFIG_FILE, PREPROCESSOR_FILE, weight) if n in files]
+    fingerprint = [
+        (n, int(files[n].get("size") or 0),
+         str(files[n].get("ETag") or files[n].get("etag") or files[n].get("mtime") or files[n].get("LastModified")))
+        for n in wanted
+    ]
+    key = hashlib.sha256(json.dumps([uri, fingerprint]).encode()).hexdigest()[:32]
+    final = os.path.join(cache_dir, key)
+    marker = os.path.join(final, ".complete")
+    if os.path.exists(marker):
+        return final
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(os.path.join(cache_dir, f".{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one downloader per node; the others wait and then reuse its copy
+        try:
+            if os.path.exists(marker):
+                return final
+            tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir)
+            try:
+                for name in wanted:
+                    fs.get_file(f"{root}/{name}", os.path.join(tmp, name))
+                    got = os.path.getsize(os.path.join(tmp, name))
+                    if files[name].get("size") is not None and got != int(files[name]["size"]):
+                        raise OSError(f"{name}: got {got} bytes, expected {files[name]['size']}")
+                with open(os.path.join(tmp, ".complete"), "w") as f:
+                    json.dump({"uri": uri, "files": fingerprint}, f)
+                if os.path.exists(final):  # a leftover without its marker (not ours: we hold the lock)
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+            except Exception as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                msg = redact(f"{type(exc).__name__}: {exc}", _secrets(storage_options))
+                raise ModelLoadError(f"{uri}: cannot stage the checkpoint into {cache_dir} ({msg}): check the "
+                                     "storage options and the free disk space") from exc
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _local_configs(local_dir: str) -> tuple[dict, dict | None]:
+    cfg_path = os.path.join(local_dir, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise ModelLoadError(f"{local_dir}: no {CONFIG_FILE}: a checkpoint directory holds {CONFIG_FILE}, "
+                             f"{PREPROCESSOR_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}")
+    pre_path = os.path.join(local_dir, PREPROCESSOR_FILE)
+    return _read_json(cfg_path), (_read_json(pre_path) if os.path.isfile(pre_path) else None)
+
+
+def _check_config(config: dict, where: str) -> str:
+    """The architecture family of a config.json; refuses unknown types and switches transformers cannot build."""
+    model_type = config.get("model_type")
+    family = MODEL_TYPES.get(model_type)
+    if family is None:
+        raise ModelLoadError(
+            f"{where}: config.json model_type {model_type!r} (architectures {config.get('architectures')}) is "
+            f"not a supported architecture: expected one of {sorted(MODEL_TYPES)}"
+        )
+    for switch, what in REFUSED_SWITCHES.items():
+        if config.get(switch):
+            raise ModelLoadError(
+                f"{where}: config.json sets {switch}=true ({what}); no released MERT checkpoint uses it and it "
+                "cannot be built without the authors' remote code, which this pipeline never runs"
+            )
+    return family
+
+
+def _spec(config: dict, preprocessor: dict | None, parsed: _Ref, where: str) -> ModelSpec:
+    rate = (preprocessor or {}).get("sampling_rate")
+    if config.get("sample_rate") and rate and int(config["sample_rate"]) != int(rate):
+        raise ModelLoadError(f"{where}: config.json sample_rate {config['sample_rate']} disagrees with "
+                             f"{PREPROCESSOR_FILE} sampling_rate {rate}: fix the checkpoint")
+    name = parsed.registered.name if parsed.registered else parsed.target
+    try:
+        spec = spec_from_config(name, config, rate)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{where}: {exc}") from exc
+    reg = parsed.registered
+    if reg is not None:
+        got = (spec.num_hidden_states, spec.dim, spec.sample_rate, spec.family, spec.pre_ln)
+        want = (reg.num_hidden_states, reg.dim, reg.sample_rate, reg.family, reg.pre_ln)
+        if got != want:
+            raise ModelLoadError(
+                f"{where}: the checkpoint does not match the registry entry {reg.name}: (hidden states, dim, "
+                f"sample rate, family, pre-LN) = {got}, expected {want}; load it by its path instead"
+            )
+        return reg
+    return spec
+
+
+def read_model_config(
+    ref: str, storage_options: dict | None = None, cache_dir: str | None = None
+) -> tuple[ModelSpec, dict, bool]:
+    """(spec, raw config.json, do_normalize) without fetching or loading the weights (dry runs, driver checks)."""
+    parsed = _parse_ref(ref)
+    if parsed.kind == "local":
+        config, pre = _local_configs(parsed.target)
+    elif parsed.kind == "hub":
+        folder, _ = _hub_snapshot(parsed, weights=False)
+        config, pre = _local_configs(folder)
+    else:
+        fs, root, files = _list_remote(parsed.target, storage_options)
+        try:
+            config = json.loads(fs.cat_file(f"{root}/{CONFIG_FILE}"))
+            pre = json.loads(fs.cat_file(f"{root}/{PREPROCESSOR_FILE}")) if PREPROCESSOR_FILE in files else None
+        except Exception as exc:
+            msg = redact(f"{type(exc).__name__}: {exc}", _secrets(storage_options))
+            raise ModelLoadError(f"{parsed.target}: cannot read the checkpoint configs ({msg})") from exc
+    _check_config(config, ref)
+    spec = _spec(config, pre, parsed, ref)
+    return spec, config, bool((pre or {}).get("do_normalize", False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building and loading
+
+
+def build_model(config: dict, where: str = "config.json") -> torch.nn.Module:
+    """transformers' HubertModel or Data2VecAudioModel built from a raw config.json dict (weights uninitialized).
+
+    Remote-code entries (auto_map, MERT-only switches such as attention_relax) are ignored; SDPA attention.
+    """
+    from transformers import Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel
+    from transformers.initialization import no_init_weights
+
+    family = _check_config(config, where)
+    cfg_cls, model_cls = (HubertConfig, HubertModel) if family == "hubert" else (Data2VecAudioConfig,
+                                                                                 Data2VecAudioModel)
+    allowed = _config_fields(cfg_cls)
+    kwargs = {k: v for k, v in config.items() if k in allowed}
+    try:
+        cfg = cfg_cls(**kwargs, attn_implementation="sdpa")
+        groups = cfg.num_conv_pos_embedding_groups
+        if cfg.hidden_size % groups or cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"hidden_size {cfg.hidden_size} must be divisible by num_conv_pos_embedding_groups "
+                             f"{groups} and num_attention_heads {cfg.num_attention_heads}")
+        with no_init_weights():
+            model = model_cls(cfg)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{where}: config.json does not describe a buildable {family} model: {exc}") from exc
+    return model.eval()
+
+
+_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _config_fields(cfg_cls: type) -> frozenset[str]:
+    if cfg_cls not in _FIELDS:
+        _FIELDS[cfg_cls] = frozenset(cfg_cls().to_dict()) - _CONFIG_DROP
+    return _FIELDS[cfg_cls]
+
+
+def weights_path(local_dir: str) -> str:
+    """The weight file of a checkpoint directory: model.safetensors preferred, else pytorch_model.bin."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(local_dir, name)
+        if os.path.isfile(path):
+            return path
+    present = sorted(os.listdir(local_dir)) if os.path.isdir(local_dir) else []
+    raise ModelLoadError(f"{local_dir}: no weights file: expected {SAFETENSORS_FILE} or {BIN_FILE} "
+                         f"(found {present[:10]})")
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} state dict from safetensors, or from a .bin through torch.load(weights_only=True)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{path}: refused by torch.load(weights_only=True) ({type(exc).__name__}: {first[:300]}). The file "
+            "holds more than tensors; it is never unpickled in full. Re-save the model's state dict "
+            f"(or convert it to {SAFETENSORS_FILE}) from a trusted environment"
+        ) from exc
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        keys = list(obj)[:6] if isinstance(obj, dict) else []
+        raise ModelLoadError(
+            f"{path}: not a plain state dict of tensors (a {type(obj).__name__}"
+            + (f" with keys {keys}" if keys else "")
+            + "; a training checkpoint?). Save just model.state_dict() as pytorch_model.bin or model.safetensors"
+        )
+    return obj
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Rename weight-norm keys to the built model's names and strip a head model's prefix ("hubert.")."""
+    model_keys = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and state and all(k.startswith(prefix) for k in state) and not (set(state) & model_keys):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    uses_param = any(k.endswith(WEIGHT_NORM_NAMES["weight_g"]) for k in model_keys)
+    out = {}
+    for k, v in state.items():
+        for old, new in WEIGHT_NORM_NAMES.items():
+            if uses_param and k.endswith("." + old):
+                k = k[: -len(old)] + new
+            elif not uses_param and k.endswith("." + new):
+                k = k[: -len(new)] + old
+        out[k] = v
+    return out
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Strict load: any missing or unexpected key, or a shape mismatch, is a ModelLoadError listing them."""
+    state = adapt_state_dict(state, model)
+    expected = model.state_dict()
+    for k in OPTIONAL_KEYS:  # training-only; keep the files of exporters that drop (or add) it loadable
+        if k in expected and k not in state:
+            state[k] = torch.zeros_like(expected[k])
+        if k in state and k not in expected:
+            state.pop(k)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys {missing[:5]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        raise ModelLoadError(f"{path}: the weights do not fit the model config.json describes: "
+                             + "; ".join(parts) + ": the config and the weights must come from the same checkpoint")
+    bad = [f"{k} {tuple(state[k].shape)} (model expects {tuple(v.shape)})" for k, v in expected.items()
+           if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ModelLoadError(f"{path}: {len(bad)} tensors have the wrong shape for the model config.json "
+                             f"describes: {bad[:5]}")
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Content hash
+
+
+_HASHES: dict[tuple, str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def content_hash(local_dir: str) -> str:
+    """sha256 over config.json, preprocessor_config.json (when present) and the weight file, by name and bytes.
+
+    Cached in memory and on disk, keyed by each file's path, size and mtime, so repeated loads are cheap.
+    """
+    files = [os.path.join(local_dir, CONFIG_FILE)]
+    if os.path.isfile(os.path.join(local_dir, PREPROCESSOR_FILE)):
+        files.append(os.path.join(local_dir, PREPROCESSOR_FILE))
+    files.append(weights_path(local_dir))
+    key = tuple((os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)
+    with _HASH_LOCK:
+        if key in _HASHES:
+            return _HASHES[key]
+    side = os.path.join(default_cache_dir(), ".hashes",
+                        hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32])
+    try:
+        with open(side) as f:
+            digest = f.read().strip()
+        if re.fullmatch(r"[0-9a-f]{64}", digest):
+            with _HASH_LOCK:
+                _HASHES[key] = digest
+            return digest
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        h.update(os.path.basename(p).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    with _HASH_LOCK:
+        _HASHES[key] = digest
+    try:  # best effort: a read-only home only costs a re-hash
+        os.makedirs(os.path.dirname(side), exist_ok=True)
+        tmp = f"{side}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(digest)
+        os.replace(tmp, side)
+    except OSError:
+        pass
+    return digest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def load_model(ref: str, storage_options: dict | None = None, cache_dir: str | None = None) -> LoadedModel:
+    """Resolve, stage, build and strictly load a checkpoint: CPU, float32, eval mode.
+
+    ref: see `resolve_model_dir`. A registered name or hub id must build a model matching the registry.
+    Raises ModelLoadError naming the path and what to do.
+    """
+    parsed = _parse_ref(ref)
+    local_dir, revision = resolve_model_dir(ref, storage_options, cache_dir)
+    where = local_dir if parsed.kind == "local" else f"{ref} ({local_dir})"
+    config, pre = _local_configs(local_dir)
+    _check_config(config, where)
+    spec = _spec(config, pre, parsed, where)
+    model = build_model(config, where)
+    wpath = weights_path(local_dir)
+    load_weights(model, read_state_dict(wpath), wpath)
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+    layers = len(model.encoder.layers) + 1
+    if layers != spec.num_hidden_states or model.config.hidden_size != spec.dim:
+        raise ModelLoadError(f"{where}: the built model has {layers} hidden states of width "
+                             f"{model.config.hidden_size}, the spec says {spec.num_hidden_states} x {spec.dim}")
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        config=config,
+        do_normalize=bool((pre or {}).get("do_normalize", False)),
+        source=ref,
+        revision=revision,
+        content_hash=content_hash(local_dir),
+        local_dir=str(Path(local_dir)),
+    )
