@@ -1,0 +1,584 @@
+"""The engine: the only library module that imports Ray.
+
+list inputs -> minus the ledger -> Ray Data: decode tasks (CPU) -> embed actor pool (one replica per GPU, or CPU
+actors) -> the driver assembles whole recordings and commits them to the table in shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import __version__
+from pipeline.config import RunConfig
+from pipeline.errors import PipelineError
+from pipeline.inputs import InputItem, list_inputs, read_manifest
+from pipeline.stages import decode_batch, layer_column
+from pipeline.table import (
+    LEDGER_SCHEMA,
+    SCHEMA_VERSION,
+    FeatureTable,
+    feature_schema,
+    weighted_mean,
+)
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- planning ------------------------------------------------------------------------------------------------
+@dataclass
+class ModelFacts:
+    spec: object
+    layers: tuple[int, ...]
+    normalize: bool
+    provenance: dict
+    numbers: dict  # what changes the numbers: hashed into the table's configuration hash
+    config_hash: str
+
+
+def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
+    """Resolve layers and normalization against the checkpoint; build provenance and the configuration hash."""
+    spec = loaded.spec
+    layers = tuple(cfg.layers) if cfg.layers is not None else spec.layers
+    bad = [i for i in layers if i >= spec.num_hidden_states]
+    if bad:
+        raise PipelineError(
+            f"layers {bad} do not exist in {spec.name}: it has hidden states 0..{spec.num_hidden_states - 1}"
+        )
+    normalize = loaded.do_normalize if cfg.normalize is None else bool(cfg.normalize)
+    seg = cfg.segment_config()
+    numbers = {
+        "model_content_hash": loaded.content_hash,
+        "window_s": seg.window_s,
+        "hop_s": seg.hop,
+        "min_segment_s": seg.min_segment_s,
+        "granularity": cfg.granularity,
+        "normalize": normalize,
+        "compute_dtype": cfg.compute_dtype,
+        "storage_dtype": cfg.storage_dtype,
+        "layers": list(layers),
+    }
+    config_hash = hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
+    import torch
+
+    provenance = {
+        "model": spec.name,
+        "hub_id": spec.hub_id,
+        "revision": loaded.revision,
+        "model_source": loaded.source if "://" not in loaded.source or loaded.source.startswith("file://")
+        else loaded.source.split("?")[0],
+        "model_content_hash": loaded.content_hash,
+        "sample_rate": spec.sample_rate,
+        "frame_rate": spec.frame_rate,
+        "dim": spec.dim,
+        "window_s": seg.window_s,
+        "hop_s": seg.hop,
+        "min_segment_s": seg.min_segment_s,
+        "granularity": cfg.granularity,
+        "normalize": normalize,
+        "compute_dtype": cfg.compute_dtype,
+        "storage_dtype": cfg.storage_dtype,
+        "layers": list(layers),
+        "config_hash": config_hash,
+        "pipeline_version": __version__,
+        "table_schema_version": SCHEMA_VERSION,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+    }
+    return ModelFacts(spec, layers, normalize, provenance, numbers, config_hash)
+
+
+def select_work(items: list[InputItem], latest: pa.Table, retry_errors: bool) -> tuple[list[InputItem], int]:
+    """Inputs to process now, and how many are skipped because the ledger already settles them."""
+    known = {}
+    if latest.num_rows:
+        for rid, fp, status, retryable in zip(
+            latest.column("recording_id").to_pylist(), latest.column("fingerprint").to_pylist(),
+            latest.column("status").to_pylist(), latest.column("retryable").to_pylist(), strict=True,
+        ):
+            known[rid] = (fp, status, retryable)
+    todo, skipped = [], 0
+    for item in items:
+        prev = known.get(item.recording_id)
+        if prev is None or prev[0] != item.fingerprint:
+            todo.append(item)
+        elif prev[1] in ("ok", "too_short"):
+            skipped += 1
+        elif prev[2] or retry_errors:  # transient errors retry by themselves; permanent ones when asked
+            todo.append(item)
+        else:
+            skipped += 1
+    return todo, skipped
+
+
+def list_work(cfg: RunConfig) -> list[InputItem]:
+    if cfg.manifest:
+        items = read_manifest(cfg.input, storage_options=cfg.in_options)
+    else:
+        items = list_inputs(cfg.input, glob=cfg.glob, extensions=cfg.extensions, storage_options=cfg.in_options)
+    if not items:
+        raise PipelineError(
+            f"no inputs found in {cfg.input}"
+            + (f" matching {cfg.glob!r}" if cfg.glob else "")
+            + (f" with extensions {', '.join(cfg.extensions)}" if cfg.extensions and not cfg.manifest else "")
+        )
+    return items
+
+
+# ---- assembling whole recordings on the driver ---------------------------------------------------------------
+@dataclass
+class _Pending:
+    tables: list = field(default_factory=list)
+    received: int = 0
+    record: dict | None = None
+
+
+class Assembler:
+    """Collects embed-stage rows per recording; a recording is complete when its record row and all the segment
+    rows it announces have arrived (they may arrive in any order: blocks take different actors)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, _Pending] = {}
+
+    def add(self, table: pa.Table) -> list[tuple[dict, pa.Table | None]]:
+        done = []
+        rids = table.column("recording_id").to_pylist()
+        records = table.column("record").to_pylist()
+        seg_rows: dict[str, list[int]] = {}
+        touched = []
+        for i, (rid, rec) in enumerate(zip(rids, records, strict=True)):
+            p = self.pending.setdefault(rid, _Pending())
+            if rec is not None:
+                p.record = json.loads(rec)
+            else:
+                seg_rows.setdefault(rid, []).append(i)
+            touched.append(rid)
+        for rid, idx in seg_rows.items():
+            p = self.pending[rid]
+            p.tables.append(table.take(pa.array(idx)).drop_columns(["record"]))
+            p.received += len(idx)
+        for rid in dict.fromkeys(touched):
+            p = self.pending[rid]
+            if p.record is not None and p.received >= p.record.get("sent", p.record["segments"]):
+                del self.pending[rid]
+                segs = None
+                if p.record["status"] == "ok" and p.tables:
+                    segs = pa.concat_tables(p.tables).sort_by("segment")
+                done.append((p.record, segs))
+        return done
+
+
+class ShardWriter:
+    """Buffers complete recordings and commits them as shards: data files per layer, then the ledger file."""
+
+    def __init__(self, table: FeatureTable, run_id: str, facts: ModelFacts, cfg: RunConfig, log: Log):
+        self.table, self.run_id, self.facts, self.cfg, self.log = table, run_id, facts, cfg, log
+        self.schema = feature_schema(facts.spec.dim, cfg.storage_dtype, cfg.granularity)
+        self.metadata = {f"mert.{k}": json.dumps(v) if not isinstance(v, str) else v
+                         for k, v in facts.provenance.items()}
+        self.shard = 0
+        self.records: list[dict] = []
+        self.segments: list[pa.Table] = []
+        self.bytes = 0
+        self.last_commit = time.monotonic()
+        self.committed_recordings = 0
+
+    def add(self, record: dict, segs: pa.Table | None) -> None:
+        self.records.append(record)
+        if segs is not None:
+            if self.cfg.granularity == "recording":
+                segs = self._pool_recording(segs)
+            self.segments.append(segs)
+            self.bytes += segs.nbytes
+
+    def _pool_recording(self, segs: pa.Table) -> pa.Table:
+        """Segment vectors -> one recording vector per layer, weighted by frame counts."""
+        w = segs.column("n_frames").to_numpy()
+        cols = {
+            "recording_id": segs.column("recording_id").slice(0, 1),
+            "segment": pa.nulls(1, pa.int32()),
+            "start_s": pa.array([0.0]),
+            "duration_s": pa.array([float(np.sum(segs.column("duration_s").to_numpy()))]),
+            "n_frames": pa.array([int(w.sum())], pa.int32()),
+        }
+        dim = self.facts.spec.dim
+        for layer in self.facts.layers:
+            col = segs.column(layer_column(layer)).combine_chunks()
+            vecs = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+            mean = weighted_mean(vecs, w).astype(vecs.dtype)
+            cols[layer_column(layer)] = pa.FixedSizeListArray.from_arrays(pa.array(mean, col.type.value_type), dim)
+        return pa.table(cols)
+
+    def due(self) -> bool:
+        return bool(self.records) and (
+            len(self.records) >= self.cfg.shard_max_recordings
+            or self.bytes >= self.cfg.shard_max_mb * (1 << 20)
+            or time.monotonic() - self.last_commit >= self.cfg.commit_interval_s
+        )
+
+    def commit(self) -> None:
+        if not self.records:
+            return
+        now = time.time_ns()
+        layers = {}
+        if self.segments:
+            allsegs = pa.concat_tables(self.segments).sort_by([("recording_id", "ascending"),
+                                                               ("segment", "ascending")])
+            n = allsegs.num_rows
+            for layer in self.facts.layers:
+                cols = [allsegs.column(c) for c in ("recording_id", "segment", "start_s", "duration_s", "n_frames")]
+                if self.cfg.granularity == "frame":
+                    cols.append(pa.array(np.full(n, self.facts.spec.frame_rate)))
+                cols += [allsegs.column(layer_column(layer)),
+                         pa.array([self.run_id] * n, pa.string()), pa.array(np.full(n, self.shard, np.int32))]
+                layers[layer] = pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, self.schema,
+                                                                                        strict=True)],
+                                                     schema=self.schema)
+        ledger_rows = []
+        for r in self.records:
+            row = {f.name: r.get(f.name) for f in LEDGER_SCHEMA}
+            row.update(run_id=self.run_id, shard=self.shard, committed_at_ns=now)
+            ledger_rows.append(row)
+        ledger = pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA)
+        self.table.commit_shard(self.run_id, self.shard, layers, ledger, self.metadata)
+        self.committed_recordings += len(self.records)
+        self.shard += 1
+        self.records, self.segments, self.bytes = [], [], 0
+        self.last_commit = time.monotonic()
+
+
+# ---- Ray -------------------------------------------------------------------------------------------------------
+def connect(cfg: RunConfig, log: Log):
+    """Join the cluster (cfg.address or RAY_ADDRESS), or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        else:
+            ray.init(logging_level="WARNING", include_dashboard=False)
+    except Exception as exc:  # noqa: BLE001 - systemic
+        raise PipelineError(f"cannot start or join Ray ({address or 'local'}): {type(exc).__name__}: {exc}") from None
+    return ray
+
+
+@dataclass
+class Placement:
+    device: str
+    actors: int
+    num_gpus: float
+    cpus_per_actor: float
+    threads: int
+    decode_workers: int | None
+
+
+def place(cfg: RunConfig, ray) -> Placement:
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    want = gpus if cfg.num_gpus is None else cfg.num_gpus
+    if want > gpus:
+        raise PipelineError(f"num_gpus={want}, but the cluster has {gpus} GPU(s)")
+    if want > 0:
+        return Placement("cuda", want, 1.0, 1.0, 1, cfg.decode_workers)
+    if cfg.compute_dtype != "float32":
+        raise PipelineError(f"compute_dtype={cfg.compute_dtype} needs a GPU; this cluster has none (use float32)")
+    actors = cfg.num_actors or 1
+    # Leave at least one core to the decode tasks, or the dataset hangs with every CPU held by actors.
+    per = cfg.cpus_per_actor or max(1.0, math.floor(max(1, cpus - 1) / actors))
+    if actors * per >= cpus:
+        raise PipelineError(
+            f"{actors} CPU actor(s) x {per} cores leaves no core for decoding on a cluster of {cpus}: "
+            "lower num_actors or cpus_per_actor"
+        )
+    return Placement("cpu", actors, 0.0, per, max(1, int(per)), cfg.decode_workers)
+
+
+def device_name(ray, placement: Placement) -> str:
+    if placement.device != "cuda":
+        return f"cpu ({platform.machine()})"
+
+    @ray.remote(num_gpus=1, max_retries=0)
+    def _name() -> str:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+
+    try:
+        return ray.get(_name.remote(), timeout=120)
+    except Exception:  # noqa: BLE001 - provenance only
+        return "cuda (unknown)"
+
+
+def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], placement: Placement):
+    import ray.data
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from pipeline.stages import EmbedStage
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.max_errored_blocks = 0  # a failed block fails the run, never drops data quietly
+    items = [{"uri": i.uri, "recording_id": i.recording_id, "fingerprint": i.fingerprint} for i in todo]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "sample_rate": facts.spec.sample_rate,
+            "segments": cfg.segment_config(),
+            "storage_options": cfg.in_options,
+            "time_limit_s": cfg.decode_timeout_s,
+        },
+        compute=TaskPoolStrategy(size=placement.decode_workers) if placement.decode_workers else None,
+        num_cpus=1,
+        max_retries=2,  # a worker that dies is retried twice, not forever (Ray's default for tasks is 3+)
+    )
+    ds = ds.map_batches(
+        EmbedStage,
+        fn_constructor_args=(cfg.model,),
+        fn_constructor_kwargs={
+            "storage_options": cfg.in_options,
+            "cache_dir": cfg.model_cache,
+            "layers": facts.layers,
+            "granularity": cfg.granularity,
+            "device": placement.device,
+            "compute_dtype": cfg.compute_dtype,
+            "storage_dtype": cfg.storage_dtype,
+            "normalize": facts.normalize,
+            "batch_size": cfg.batch_size,
+            "threads": placement.threads,
+        },
+        batch_size=cfg.batch_size * 4,  # room to group equal-length segments into full model batches
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=placement.actors),
+        num_gpus=placement.num_gpus or None,
+        num_cpus=placement.cpus_per_actor,
+        # No named parameters exist for these yet: bounded restarts and retries instead of Ray's infinite ones.
+        max_restarts=2,
+        max_task_retries=2,
+    )
+    return ds
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def estimate(cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], loaded, log: Log) -> dict:
+    """Dry-run estimates: audio hours from a sample of headers, output size from the layout, time from one
+    model batch timed on this machine."""
+    sample = todo[:: max(1, len(todo) // 16)][:16]
+    secs, size = 0.0, 0
+    for item in sample:
+        d = _probe_duration(item.uri, cfg.in_options)
+        if d:
+            secs += d
+            size += max(1, item.size)
+    total_bytes = sum(max(1, i.size) for i in todo)
+    hours = (secs / size * total_bytes / 3600) if size else 0.0
+    seg = cfg.segment_config()
+    width = len(facts.layers) * facts.spec.dim * (2 if cfg.storage_dtype == "float16" else 4)
+    if cfg.granularity == "segment":
+        out_bytes = hours * 3600 / seg.hop * width
+    elif cfg.granularity == "recording":
+        out_bytes = len(todo) * width
+    else:
+        out_bytes = hours * 3600 * facts.spec.frame_rate * width
+    from pipeline.embed import Embedder
+
+    emb = Embedder(loaded, layers=facts.layers, granularity="segment", device="cpu")
+    n = int(seg.window_s * facts.spec.sample_rate)
+    x = np.random.default_rng(0).standard_normal((cfg.batch_size, n)).astype(np.float32) * 0.1
+    emb.embed(x[:1])
+    t = time.perf_counter()
+    emb.embed(x)
+    rate = cfg.batch_size * seg.window_s / (time.perf_counter() - t)
+    return {
+        "inputs_to_process": len(todo),
+        "input_bytes": total_bytes,
+        "estimated_audio_hours": round(hours, 3),
+        "estimated_output_bytes": int(out_bytes),
+        "model_audio_s_per_s_on_this_machine_cpu": round(rate, 2),
+        "estimated_hours_at_that_rate_per_actor": round(hours * 3600 / rate / 3600, 3) if rate else None,
+        "note": "time is measured on this machine's CPU with one model batch; a GPU is typically far faster",
+    }
+
+
+def _probe_duration(uri: str, storage_options: dict) -> float | None:
+    import av
+
+    from pipeline.storage import get_fs
+
+    try:
+        fs, path = get_fs(uri, storage_options)
+        with fs.open(path, "rb") as f, av.open(f) as c:
+            if c.duration:
+                return c.duration / 1_000_000
+            stream = c.streams.audio[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except Exception:  # noqa: BLE001 - an estimate skips what it cannot probe
+        return None
+    return None
+
+
+def run(cfg: RunConfig, log: Log = _stderr) -> dict:
+    """Run the pipeline. Returns the run summary (also written to runs/<run_id>.json).
+
+    Raises PipelineError for systemic failures (before any work) and when the error-rate limit stops the run
+    (after committing what finished).
+    """
+    from pipeline.models import load_model
+
+    t0 = time.time()
+    run_id = cfg.run_id or new_run_id()
+    # Systemic checks first, each failing fast with one message.
+    items = list_work(cfg)
+    try:
+        loaded = load_model(cfg.model, storage_options=cfg.in_options, cache_dir=cfg.model_cache)
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise PipelineError(f"cannot load model {cfg.model}: {type(exc).__name__}: {exc}") from None
+    facts = model_facts(cfg, loaded)
+    table = FeatureTable(cfg.output, cfg.out_options)
+    meta = table.read_meta()
+    latest = table.ledger(latest=True) if meta is not None else LEDGER_SCHEMA.empty_table()
+    if meta is not None and meta.get("config_hash") != facts.config_hash:
+        table.init_or_check(_table_meta(cfg, facts))  # raises with the differences
+    todo, skipped = select_work(items, latest, cfg.retry_errors)
+    if cfg.dry_run:
+        plan = {"run_id": None, "status": "dry_run", "inputs_listed": len(items), "skipped": skipped,
+                "work": [i.uri for i in todo], **estimate(cfg, facts, todo, loaded, log)}
+        return plan
+    del loaded
+    table.check_writable()
+    table.acquire_lease(run_id, cfg.lease_ttl_s, cfg.lease_wait_s)
+    counts = {"listed": len(items), "skipped": skipped, "processed": 0, "ok": 0, "error": 0, "too_short": 0,
+              "errors_by_kind": {}, "truncated": 0}
+    summary = {"run_id": run_id, "status": "running", "started_at": _now(), "config": cfg.public_dict(),
+               "config_hash": facts.config_hash, "provenance": facts.provenance, "counts": counts}
+    audio_s = 0.0
+    writer = None
+    try:
+        table.init_or_check(_table_meta(cfg, facts))
+        cleaned = table.vacuum(live_runs={run_id})
+        if cleaned["removed_files"]:
+            log(f"[mert] removed {len(cleaned['removed_files'])} file(s) of interrupted runs")
+        writer = ShardWriter(table, run_id, facts, cfg, log)
+        log(f"[mert] run {run_id}: {len(todo)} to process, {skipped} skipped (already in the table), "
+            f"model {facts.spec.name}, layers {list(facts.layers)}")
+        if todo:
+            ray = connect(cfg, log)
+            placement = place(cfg, ray)
+            facts.provenance["device"] = device_name(ray, placement)
+            writer.metadata["mert.device"] = facts.provenance["device"]
+            ds = build_dataset(ray, cfg, facts, todo, placement)
+            assembler = Assembler()
+            last_log = time.monotonic()
+            stop_reason = None
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                for record, segs in assembler.add(block):
+                    counts["processed"] += 1
+                    status = record["status"]
+                    counts[status] += 1
+                    if status == "error":
+                        k = record.get("error_kind") or "?"
+                        counts["errors_by_kind"][k] = counts["errors_by_kind"].get(k, 0) + 1
+                    if record.get("truncated"):
+                        counts["truncated"] += 1
+                    if status == "ok":
+                        audio_s += float(record.get("duration_s") or 0.0)
+                    writer.add(record, segs)
+                    if (counts["processed"] >= cfg.error_rate_min_inputs
+                            and counts["error"] / counts["processed"] > cfg.max_error_rate):
+                        stop_reason = (
+                            f"error rate {counts['error']}/{counts['processed']} passed the limit "
+                            f"{cfg.max_error_rate:.0%} (errors by kind: {counts['errors_by_kind']}); "
+                            "the finished work is committed. Check the inputs, or raise --max-error-rate"
+                        )
+                        break
+                if stop_reason:
+                    break
+                if writer.due():
+                    writer.commit()
+                if cfg.progress and time.monotonic() - last_log >= 5:
+                    last_log = time.monotonic()
+                    el = time.time() - t0
+                    log(f"[mert] {counts['processed']}/{len(todo)} inputs ({counts['ok']} ok, {counts['error']} "
+                        f"error, {counts['too_short']} too short), {audio_s / 3600:.3f} audio h, "
+                        f"{audio_s / max(el, 1e-9):.1f} audio s/s")
+            writer.commit()
+            if stop_reason:
+                summary["status"] = "stopped"
+                summary["stop_reason"] = stop_reason
+            elif assembler.pending:
+                raise PipelineError(f"{len(assembler.pending)} recording(s) never completed in the dataset")
+        if summary["status"] == "running":
+            summary["status"] = "complete"
+    except BaseException as exc:
+        summary["status"] = "failed"
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        wall = time.time() - t0
+        summary.update(
+            finished_at=_now(), wall_s=round(wall, 3), audio_hours=round(audio_s / 3600, 6),
+            audio_s_per_s=round(audio_s / wall, 3) if wall > 0 else None,
+            shards=writer.shard if writer else 0,
+            versions={"pipeline": __version__, "python": platform.python_version(), **_versions()},
+        )
+        try:
+            table.write_run(run_id, summary)  # written last
+        finally:
+            table.release_lease()
+    if summary["status"] == "stopped":
+        raise PipelineError(f"run {run_id} stopped: {summary['stop_reason']}")
+    return summary
+
+
+def _versions() -> dict:
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
+            "pyarrow": pyarrow.__version__}
+
+
+def _table_meta(cfg: RunConfig, facts: ModelFacts) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config_hash": facts.config_hash,
+        "config": facts.numbers,
+        "dim": facts.spec.dim,
+        "provenance": facts.provenance,
+        "created_at": _now(),
+    }

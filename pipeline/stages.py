@@ -1,0 +1,230 @@
+"""The two stages of the pipeline as plain functions over Arrow batches. They know nothing of Ray.
+
+decode: one input row (uri, recording_id, fingerprint) -> tables of segments, then one `record` row that carries
+        the input's ledger fields (status, error kind, duration, source rate, ...). A bad input yields only its
+        record row: faults are data.
+embed:  a table of segment rows (and passing record rows) -> the same rows with one embedding column per layer.
+
+The record row travels behind the recording's segments so that the driver knows when a recording is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import SegmentConfig
+from pipeline.errors import InputFault, TooShort
+
+DECODE_SCHEMA = pa.schema(
+    [
+        ("recording_id", pa.string()),
+        ("segment", pa.int32()),
+        ("start_s", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("audio", pa.large_list(pa.float32())),  # (N,) mono at the model rate; null on record rows
+        ("record", pa.string()),  # JSON ledger fields; null on segment rows
+    ]
+)
+
+_DECODER = None  # one isolated decoder child per worker process, reused across inputs
+
+
+def _decoder():
+    global _DECODER
+    if _DECODER is None:
+        from pipeline.decoder import DecoderProcess
+
+        _DECODER = DecoderProcess()
+    return _DECODER
+
+
+def _segment_table(rid: str, segs: list) -> pa.Table:
+    audio = pa.LargeListArray.from_arrays(
+        pa.array(np.cumsum([0] + [len(s.samples) for s in segs]), pa.int64()),
+        pa.array(np.concatenate([s.samples for s in segs]).astype(np.float32, copy=False), pa.float32()),
+    )
+    return pa.Table.from_arrays(
+        [
+            pa.array([rid] * len(segs), pa.string()),
+            pa.array([s.index for s in segs], pa.int32()),
+            pa.array([s.start_s for s in segs], pa.float64()),
+            pa.array([s.duration_s for s in segs], pa.float64()),
+            audio,
+            pa.nulls(len(segs), pa.string()),
+        ],
+        schema=DECODE_SCHEMA,
+    )
+
+
+def _record_table(rid: str, record: dict) -> pa.Table:
+    return pa.Table.from_arrays(
+        [pa.array([rid]), pa.array([-1], pa.int32()), pa.array([None], pa.float64()),
+         pa.array([None], pa.float64()), pa.nulls(1, pa.large_list(pa.float32())),
+         pa.array([json.dumps(record)])],
+        schema=DECODE_SCHEMA,
+    )
+
+
+def decode_input(
+    uri: str,
+    recording_id: str,
+    fingerprint: str,
+    *,
+    sample_rate: int,
+    segments: SegmentConfig,
+    storage_options: dict | None = None,
+    time_limit_s: float = 600.0,
+    isolate: bool = True,
+    segments_per_table: int = 8,
+) -> Iterator[pa.Table]:
+    """Decode one input into tables of at most `segments_per_table` segments, then its record row.
+
+    Memory stays bounded by a few windows: segments leave as soon as a table is full.
+    """
+    from pipeline.audio import read_segments
+
+    record = {
+        "recording_id": recording_id, "uri": uri, "fingerprint": fingerprint, "status": "ok",
+        "error_kind": None, "retryable": False, "error_message": None, "truncated": False, "warning": None,
+        "duration_s": None, "sample_rate": None, "channels": None, "codec": None, "segments": 0,
+    }
+    count = 0
+    stream = None
+    try:
+        stream = read_segments(
+            uri, sample_rate=sample_rate, segments=segments, storage_options=storage_options,
+            isolate=isolate, time_limit_s=time_limit_s, decoder=_decoder() if isolate else None,
+        )
+        with stream:
+            pending = []
+            for seg in stream:
+                pending.append(seg)
+                if len(pending) >= segments_per_table:
+                    yield _segment_table(recording_id, pending)
+                    count += len(pending)
+                    pending = []
+            if pending:
+                yield _segment_table(recording_id, pending)
+                count += len(pending)
+    except TooShort as exc:
+        record.update(status="too_short", error_kind=None, error_message=str(exc))
+    except InputFault as exc:
+        record.update(status="error", error_kind=exc.kind, retryable=bool(exc.transient), error_message=str(exc))
+    except Exception as exc:  # noqa: BLE001 - an unexpected fault on one input is still that input's row
+        record.update(status="error", error_kind="internal", retryable=False,
+                      error_message=f"{uri}: unexpected {type(exc).__name__}: {exc}")
+    info = getattr(stream, "info", None)
+    if info is not None:
+        record.update(duration_s=info.duration_s, sample_rate=info.sample_rate, channels=info.channels,
+                      codec=info.codec, truncated=bool(info.truncated), warning=info.warning)
+    if record["status"] == "ok" and count == 0:  # the stream ended without the too_short signal
+        record.update(status="too_short", error_message=f"{uri}: no segment of at least {segments.min_segment_s} s")
+    # `sent`: segment rows already on their way (the driver waits for them, then drops them when the input
+    # failed midway: an error row has no features).
+    record["sent"] = count
+    record["segments"] = count if record["status"] == "ok" else 0
+    yield _record_table(recording_id, record)
+
+
+def decode_batch(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
+    """Stage function: a batch of input rows -> decode tables (see decode_input)."""
+    for row in batch.to_pylist():
+        yield from decode_input(row["uri"], row["recording_id"], row["fingerprint"], **kwargs)
+
+
+def layer_column(layer: int) -> str:
+    return f"l{layer}"
+
+
+class EmbedStage:
+    """Holds one model replica; turns decode tables into rows with one embedding column per layer."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        storage_options: dict | None = None,
+        cache_dir: str | None = None,
+        layers: tuple[int, ...] | None = None,
+        granularity: str = "segment",
+        device: str = "auto",
+        compute_dtype: str = "float32",
+        storage_dtype: str = "float32",
+        normalize: bool | None = None,
+        batch_size: int = 8,
+        threads: int | None = None,
+    ):
+        import torch
+
+        from pipeline.embed import Embedder
+        from pipeline.models import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = load_model(model, storage_options=storage_options, cache_dir=cache_dir)
+        self.embedder = Embedder(
+            self.loaded, layers=layers, granularity=granularity, device=device, dtype=compute_dtype,
+            out_dtype=storage_dtype, normalize=normalize,
+        )
+        self.granularity = granularity
+        self.batch_size = batch_size
+        from pipeline.table import embedding_type
+
+        self.emb_type = embedding_type(self.embedder.spec.dim, storage_dtype, granularity)
+        self.value_type = pa.float16() if storage_dtype == "float16" else pa.float32()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        is_seg = np.asarray(batch.column("record").is_null().to_numpy(zero_copy_only=False))
+        seg_idx = np.flatnonzero(is_seg)
+        audio = batch.column("audio").combine_chunks()
+        offsets = audio.offsets.to_numpy()
+        values = audio.values.to_numpy(zero_copy_only=False)
+        waves = [values[offsets[i]:offsets[i + 1]] for i in seg_idx]
+        outs = self.embedder.embed_segments(waves, batch_size=self.batch_size) if waves else []
+        n = batch.num_rows
+        n_frames = np.zeros(n, dtype=np.int32)
+        per_layer: dict[int, list] = {layer: [None] * n for layer in self.embedder.layers}
+        for j, i in enumerate(seg_idx):
+            out = outs[j]  # (L, D) or (L, T, D)
+            n_frames[i] = self.embedder.frames(len(waves[j]))
+            for k, layer in enumerate(self.embedder.layers):
+                per_layer[layer][i] = out[k]
+        cols = {
+            "recording_id": batch.column("recording_id"),
+            "segment": batch.column("segment"),
+            "start_s": batch.column("start_s"),
+            "duration_s": batch.column("duration_s"),
+            "n_frames": pa.array(n_frames, pa.int32()),
+            "record": batch.column("record"),
+        }
+        for layer, vecs in per_layer.items():
+            cols[layer_column(layer)] = self._arrow(vecs)
+        return pa.table(cols)
+
+    def _arrow(self, vecs: list) -> pa.Array:
+        """Per-row arrays (D,) or (T, D), None for record rows -> a (list of) fixed_size_list column."""
+        dim = self.embedder.spec.dim
+        np_type = np.float16 if self.value_type == pa.float16() else np.float32
+        mask = np.array([v is None for v in vecs])
+        if self.granularity != "frame":
+            flat = np.zeros((len(vecs), dim), dtype=np_type)
+            for i, v in enumerate(vecs):
+                if v is not None:
+                    flat[i] = v
+            return pa.FixedSizeListArray.from_arrays(
+                pa.array(flat.reshape(-1), self.value_type), dim, mask=pa.array(mask))
+        lengths = [0 if v is None else v.shape[0] for v in vecs]
+        frames = [v.reshape(-1, dim).astype(np_type, copy=False) for v in vecs if v is not None]
+        flat = np.concatenate(frames) if frames else np.zeros((0, dim), np_type)
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), self.value_type), dim)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, inner, mask=pa.array(mask))
+
+
+def cpu_threads_default() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
