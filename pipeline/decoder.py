@@ -1,0 +1,408 @@
+"""Decoding isolation: a persistent child process decodes inputs, so that a decoder crash or hang on one file
+becomes that file's fault (DecoderCrashed, DecodeTimeout) instead of killing or stalling the worker.
+
+The child is `python -m pipeline.decoder`, started lazily with subprocess.Popen and reused across files; it runs
+pipeline.audio.LocalDecoder (fsspec open + PyAV decode + downmix) and streams the result back. Resampling and
+segmenting stay in the parent.
+
+Protocol (stdin/stdout pipes; every message is 1 type byte + 4-byte big-endian payload length + payload):
+  parent -> child   b"O" pickle {uri, storage_options, chunk_s}   open and decode one input
+                    b"Q" (empty)                                   exit
+  child -> parent   b"H" JSON {sample_rate, channels, codec, container}           header, once per input
+                    b"C" raw little-endian float32 mono samples at the SOURCE rate   zero or more chunks
+                    b"E" JSON {duration_s, truncated, warning}                    end of the input
+                    b"F" JSON {fault: class name, uri, cause, hint}               a named fault (ends the input)
+Storage options (credentials) travel only over the pipe: never on the command line, in the environment or logs.
+Flow control is the pipe itself: the child blocks while the parent is not reading. A parent that abandons an input
+midway kills the child (restarted lazily for the next input).
+
+Timeouts: if no message arrives within `stall_s` seconds, or the time spent waiting for one input exceeds its
+`time_limit_s` (time the consumer holds the stream does not count), the child is killed: DecodeTimeout. If the
+child exits or its pipe closes mid-input: DecoderCrashed (with its exit status and the tail of its stderr).
+
+Fault injection (tests): the CHILD reads MERT_PIPELINE_FAULT_INJECTION, a comma-separated list of
+`<action>:<substring>`; when the URI being opened contains the substring it acts before decoding:
+  crash       os._exit(134), like a decoder that segfaults or aborts
+  hang        sleeps forever, like a decoder stuck in a loop
+  crash_after / hang_after   the same, after the header and the first chunk were sent (mid-file)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from pipeline import errors
+from pipeline.errors import DecodeError, DecoderCrashed, DecodeTimeout, InputFault
+
+FAULT_ENV = "MERT_PIPELINE_FAULT_INJECTION"
+_HDR = struct.Struct(">cI")
+
+
+# ------------------------------------------------------------------------------------------------ child side
+
+
+def _send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
+    out.write(_HDR.pack(kind, len(payload)))
+    out.write(payload)
+    out.flush()
+
+
+def _read_exact_blocking(inp: BinaryIO, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        part = inp.read(n - len(data))
+        if not part:
+            return None
+        data += part
+    return data
+
+
+def _injected(uri: str) -> dict[str, bool]:
+    acts: dict[str, bool] = {}
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        action, _, sub = item.strip().partition(":")
+        if sub and sub in uri:
+            acts[action] = True
+    return acts
+
+
+def _act(action: str) -> None:
+    if action.startswith("crash"):
+        os._exit(134)
+    while True:  # hang
+        time.sleep(3600)
+
+
+def _child_main() -> None:
+    """Serve open requests until stdin closes or b"Q" arrives."""
+    # The protocol owns the original stdout; anything else printing to fd 1 goes to stderr instead.
+    proto_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    inp = sys.stdin.buffer
+    from pipeline.audio import LocalDecoder
+
+    while True:
+        hdr = _read_exact_blocking(inp, _HDR.size)
+        if hdr is None:
+            return
+        kind, length = _HDR.unpack(hdr)
+        payload = _read_exact_blocking(inp, length) if length else b""
+        if kind == b"Q" or payload is None:
+            return
+        req = pickle.loads(payload)
+        uri = req["uri"]
+        acts = _injected(uri)
+        for a in ("crash", "hang"):
+            if acts.get(a):
+                _act(a)
+        dec = None
+        try:
+            dec = LocalDecoder(uri, req.get("storage_options"), chunk_s=req.get("chunk_s", 2.0))
+            info = dec.info
+            _send(proto_out, b"H", json.dumps({"sample_rate": info.sample_rate, "channels": info.channels,
+                                               "codec": info.codec, "container": info.container}).encode())
+            first = True
+            for chunk in dec.chunks():
+                _send(proto_out, b"C", np.ascontiguousarray(chunk, dtype="<f4").tobytes())
+                if first:
+                    first = False
+                    for a in ("crash_after", "hang_after"):
+                        if acts.get(a):
+                            _act(a)
+            _send(proto_out, b"E", json.dumps({"duration_s": info.duration_s, "truncated": info.truncated,
+                                               "warning": info.warning}).encode())
+        except InputFault as fault:
+            _send(proto_out, b"F", json.dumps({"fault": type(fault).__name__, "uri": fault.uri,
+                                               "cause": fault.cause, "hint": fault.hint}).encode())
+        except Exception as exc:  # noqa: BLE001 - anything else is this input's decode failure
+            _send(proto_out, b"F", json.dumps({"fault": "DecodeError", "uri": uri,
+                                               "cause": f"decoder failed: {type(exc).__name__}: {exc}",
+                                               "hint": None}).encode())
+        finally:
+            if dec is not None:
+                dec.close()
+
+
+# ----------------------------------------------------------------------------------------------- parent side
+
+
+def _fault_from(msg: dict, uri: str) -> InputFault:
+    cls = getattr(errors, str(msg.get("fault")), None)
+    if not (isinstance(cls, type) and issubclass(cls, InputFault)):
+        cls = DecodeError
+    return cls(msg.get("uri") or uri, msg.get("cause") or "decode failed", msg.get("hint"))
+
+
+class _RemoteSource:
+    """One input being decoded by the child: the same shape as audio.LocalDecoder (.info, .chunks(), .close())."""
+
+    def __init__(self, proc: DecoderProcess, uri: str, time_limit_s: float):
+        from pipeline.audio import SourceInfo
+
+        self._proc = proc
+        self.uri = uri
+        self.time_limit_s = time_limit_s
+        self._waited = 0.0
+        self._done = False
+        kind, payload = proc._recv(self)
+        if kind == b"F":
+            self._done = True
+            proc._busy = False
+            raise _fault_from(json.loads(payload), uri)
+        if kind != b"H":
+            raise proc._protocol_error(uri, kind)
+        h = json.loads(payload)
+        self.info = SourceInfo(uri=uri, sample_rate=int(h["sample_rate"]), channels=int(h["channels"]),
+                               codec=str(h["codec"]), container=str(h["container"]), duration_s=None)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        while not self._done:
+            kind, payload = self._proc._recv(self)
+            if kind == b"C":
+                yield np.frombuffer(payload, dtype="<f4").astype(np.float32, copy=False)
+            elif kind == b"E":
+                self._finish()
+                end = json.loads(payload)
+                self.info.duration_s = end.get("duration_s")
+                self.info.truncated = bool(end.get("truncated"))
+                self.info.warning = end.get("warning")
+            elif kind == b"F":
+                self._finish()
+                raise _fault_from(json.loads(payload), self.uri)
+            else:
+                raise self._proc._protocol_error(self.uri, kind)
+
+    def _finish(self) -> None:
+        self._done = True
+        self._proc._busy = False
+
+    def close(self) -> None:
+        if not self._done:  # abandoned midway: the child is still streaming this input
+            self._done = True
+            self._proc._kill()
+            self._proc._busy = False
+
+
+class DecoderProcess:
+    """A persistent decoder child (`python -m pipeline.decoder`), started lazily, reused across files; see the
+    module docstring for the protocol. One input at a time.
+
+    stall_s: seconds without any message from the child before it is killed (DecodeTimeout).
+    """
+
+    def __init__(self, stall_s: float = 60.0):
+        if not stall_s > 0:
+            raise ValueError(f"stall_s={stall_s!r}: must be a positive number of seconds")
+        self.stall_s = float(stall_s)
+        self._proc: subprocess.Popen | None = None
+        self._stderr: Any = None
+        self._rbuf = bytearray()
+        self._busy = False
+        self._lock = threading.Lock()
+        self.restarts = 0  # children started after the first (crashes, timeouts, abandoned inputs)
+        self._started = 0
+
+    # -- process management
+    def _start(self) -> None:
+        pkg_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        if self._stderr is None:
+            self._stderr = tempfile.TemporaryFile()
+        self._stderr.seek(0)
+        self._stderr.truncate()
+        self._proc = subprocess.Popen([sys.executable, "-m", "pipeline.decoder"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._stderr, env=env, close_fds=True,
+                                      bufsize=0)
+        self._rbuf = bytearray()
+        if self._started:
+            self.restarts += 1
+        self._started += 1
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.kill()
+        except OSError:
+            pass
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, or None when no child is running."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def _stderr_tail(self) -> str:
+        try:
+            self._stderr.seek(0, 2)
+            size = self._stderr.tell()
+            self._stderr.seek(max(0, size - 400))
+            text = self._stderr.read().decode("utf-8", "replace").strip()
+        except (OSError, AttributeError):
+            return ""
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return lines[-1][:200] if lines else ""
+
+    # -- messages
+    def _protocol_error(self, uri: str, kind: bytes) -> InputFault:
+        self._kill()
+        self._busy = False
+        return DecoderCrashed(uri, f"decoder process sent an unexpected message {kind!r}", "a rerun retries it")
+
+    def _read_exact(self, n: int, src: _RemoteSource) -> bytes:
+        proc = self._proc
+        if proc is None:
+            raise self._crashed(src, None)
+        fd = proc.stdout.fileno()
+        while len(self._rbuf) < n:
+            left = src.time_limit_s - src._waited
+            wait = min(self.stall_s, left)
+            if wait <= 0:
+                raise self._timeout(src, total=True)
+            t0 = time.monotonic()
+            ready, _, _ = select.select([fd], [], [], wait)
+            src._waited += time.monotonic() - t0
+            if not ready:
+                raise self._timeout(src, total=src._waited >= src.time_limit_s)
+            try:
+                data = os.read(fd, max(1 << 20, n - len(self._rbuf)))
+            except OSError:
+                data = b""
+            if not data:
+                raise self._crashed(src, proc)
+            self._rbuf += data
+        out = bytes(self._rbuf[:n])
+        del self._rbuf[:n]
+        return out
+
+    def _recv(self, src: _RemoteSource) -> tuple[bytes, bytes]:
+        kind, length = _HDR.unpack(self._read_exact(_HDR.size, src))
+        return kind, (self._read_exact(length, src) if length else b"")
+
+    def _timeout(self, src: _RemoteSource, total: bool) -> InputFault:
+        self._kill()
+        src._done = True
+        self._busy = False
+        if total:
+            cause = f"decoding took longer than the limit of {src.time_limit_s:g} s"
+        else:
+            cause = f"the decoder made no progress for {self.stall_s:g} s"
+        return DecodeTimeout(src.uri, cause + "; the decoder process was stopped",
+                             "the file may make the decoder hang; check or replace it, or raise the limit")
+
+    def _crashed(self, src: _RemoteSource, proc: subprocess.Popen | None) -> InputFault:
+        code = None
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        tail = self._stderr_tail()
+        self._kill()
+        src._done = True
+        self._busy = False
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        cause = f"the decoder process {how} while decoding" + (f" (last message: {tail})" if tail else "")
+        return DecoderCrashed(src.uri, cause, "the file crashes the decoder; check or replace it")
+
+    # -- public
+    def open(self, uri: str, *, storage_options: dict | None = None, time_limit_s: float = 600.0,
+             chunk_s: float = 2.0) -> _RemoteSource:
+        """Start decoding `uri` in the child. Returns a source with `.info` (SourceInfo, duration filled in at
+        the end), `.chunks()` (mono float32 at the source rate) and `.close()`. Raises InputFault subclasses."""
+        with self._lock:
+            if self._busy:
+                raise RuntimeError("DecoderProcess is decoding another input: finish or close it first, or use "
+                                   "one DecoderProcess per concurrent stream")
+            self._busy = True
+        req = pickle.dumps({"uri": uri, "storage_options": storage_options, "chunk_s": chunk_s})
+        for attempt in range(2):
+            if self._proc is None or self._proc.poll() is not None:
+                self._kill()
+                self._start()
+            try:
+                self._proc.stdin.write(_HDR.pack(b"O", len(req)) + req)
+                break
+            except (BrokenPipeError, OSError):
+                self._kill()
+                if attempt == 1:
+                    self._busy = False
+                    raise DecoderCrashed(uri, "the decoder process could not be started", "check the Python "
+                                         "environment (python -m pipeline.decoder)") from None
+        try:
+            return _RemoteSource(self, uri, time_limit_s)
+        except BaseException:
+            self._busy = False
+            raise
+
+    def close(self) -> None:
+        """Stop the child (it is restarted on the next open)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.write(_HDR.pack(b"Q", 0))
+                proc.stdin.close()
+                proc.wait(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self._kill()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> DecoderProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._kill()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+_local = threading.local()
+
+
+def default_decoder() -> DecoderProcess:
+    """This thread's shared DecoderProcess (one child per worker thread, reused across files)."""
+    dec = getattr(_local, "decoder", None)
+    if dec is None:
+        dec = DecoderProcess()
+        _local.decoder = dec
+    return dec
+
+
+if __name__ == "__main__":
+    _child_main()
