@@ -115,7 +115,8 @@ def _data2vec_config(spec: ModelSpec) -> dict:
     from transformers import Data2VecAudioConfig
 
     cfg = Data2VecAudioConfig().to_dict()
-    for k in ("transformers_version", "output_hidden_states", "return_dict", "dtype", "output_attentions"):
+    for k in ("transformers_version", "output_hidden_states", "return_dict", "dtype", "output_attentions",
+              "id2label", "label2id"):
         cfg.pop(k, None)
     cfg.update(
         _name_or_path=spec.hub_id,

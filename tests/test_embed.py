@@ -30,6 +30,12 @@ CHECKPOINTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Keep the staged-model and content-hash caches out of the user's home."""
+    monkeypatch.setenv("MERT_PIPELINE_CACHE", str(tmp_path_factory.getbasetemp() / "mert-cache"))
+
+
 @pytest.fixture(scope="module")
 def ckpt_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ckpts")
