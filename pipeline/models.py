@@ -334,12 +334,12 @@ def _spec(config: dict, preprocessor: dict | None, parsed: _Ref, where: str) -> 
         raise ModelLoadError(f"{where}: {exc}") from exc
     reg = parsed.registered
     if reg is not None:
-        got = (spec.num_hidden_states, spec.dim, spec.sample_rate, spec.family, spec.pre_ln)
-        want = (reg.num_hidden_states, reg.dim, reg.sample_rate, reg.family, reg.pre_ln)
+        got = (spec.num_hidden_states, spec.dim, spec.sample_rate, spec.frame_rate, spec.family, spec.pre_ln)
+        want = (reg.num_hidden_states, reg.dim, reg.sample_rate, reg.frame_rate, reg.family, reg.pre_ln)
         if got != want:
             raise ModelLoadError(
                 f"{where}: the checkpoint does not match the registry entry {reg.name}: (hidden states, dim, "
-                f"sample rate, family, pre-LN) = {got}, expected {want}; load it by its path instead"
+                f"sample rate, frame rate, family, pre-LN) = {got}, expected {want}; load it by its path instead"
             )
         return reg
     return spec
