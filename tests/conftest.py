@@ -65,6 +65,8 @@ def ray_local():
     """One local Ray shared by the tests that do not kill processes (starting one takes ~8 s)."""
     import ray
 
+    # Inputs named with these markers make the isolated decoder child crash or hang (pipeline.decoder).
+    os.environ["MERT_PIPELINE_FAULT_INJECTION"] = "crash:__crash_me__,hang:__hang_me__"
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
