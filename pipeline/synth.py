@@ -174,7 +174,8 @@ def _check_combo(fmt: str, sample_rate: int, channels: int, sample_format: str |
 
 def _to_frame_array(x: np.ndarray, fmt_name: str, planar: bool) -> np.ndarray:
     """(channels, n) float32 in [-1, 1] -> the ndarray av.AudioFrame.from_ndarray expects for `fmt_name`."""
-    x = np.clip(x, -1.0, 1.0)
+    if not fmt_name.startswith(("flt", "dbl")):
+        x = np.clip(x, -1.0, 1.0)  # float formats pass through unchanged (NaN/inf fixtures stay what they are)
     if fmt_name.startswith("u8"):
         y = np.round(x * 127.0 + 128.0).astype(np.uint8)
     elif fmt_name.startswith("s16"):
@@ -210,8 +211,7 @@ def encode_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: i
         cc.layout = _layout(fmt, channels)
         if av_fmt is not None:
             cc.format = av_fmt
-        if fmt == "flac" and sample_format == "s24":
-            cc.bits_per_raw_sample = 24
+        # FLAC from s32 frames: FFmpeg's encoder writes 24 bits per sample (FLAC's integer limit here)
         if fmt == "ogg":
             cc.options = {"strict": "experimental"}
         if fmt == "wma":
