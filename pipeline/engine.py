@@ -516,6 +516,8 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                     if status == "ok":
                         audio_s += float(record.get("duration_s") or 0.0)
                     writer.add(record, segs)
+                    if writer.due():
+                        writer.commit()
                     if (counts["processed"] >= cfg.error_rate_min_inputs
                             and counts["error"] / counts["processed"] > cfg.max_error_rate):
                         stop_reason = (
@@ -526,7 +528,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                         break
                 if stop_reason:
                     break
-                if writer.due():
+                if writer.due():  # the commit interval also passes while blocks are in flight
                     writer.commit()
                 if cfg.progress and time.monotonic() - last_log >= 5:
                     last_log = time.monotonic()
