@@ -329,6 +329,8 @@ def device_name(ray, placement: Placement) -> str:
 
 
 def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], placement: Placement):
+    import warnings
+
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -337,7 +339,9 @@ def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem],
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ctx.max_errored_blocks = 0  # a failed block fails the run, never drops data quietly
+    # Ray 2.60 has no named parameter for max_restarts / max_task_retries / max_retries, and warns about the
+    # free-form remote args that carry them (announced for removal in 2.64). Bounded beats infinite: keep them.
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
     items = [{"uri": i.uri, "recording_id": i.recording_id, "fingerprint": i.fingerprint} for i in todo]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
     ds = ds.map_batches(
