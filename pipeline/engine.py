@@ -309,7 +309,10 @@ def place(cfg: RunConfig, ray) -> Placement:
             f"{actors} CPU actor(s) x {per} cores leaves no core for decoding on a cluster of {cpus}: "
             "lower num_actors or cpus_per_actor"
         )
-    return Placement("cpu", actors, 0.0, per, max(1, int(per)), cfg.decode_workers)
+    # torch threads: the actor's cores, or when the machine is shared with decoding alone (cpus_per_actor
+    # unset), every core the actors split: decoding costs a few percent of what the model does on a CPU.
+    threads = int(per) if cfg.cpus_per_actor else max(1, cpus // actors)
+    return Placement("cpu", actors, 0.0, per, threads, cfg.decode_workers)
 
 
 def device_name(ray, placement: Placement) -> str:
