@@ -80,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return make_config(values)
 
 
-def print_summary(s: dict, out=sys.stdout) -> None:
+def print_summary(s: dict, out=None) -> None:
+    out = out or sys.stdout
     c = s.get("counts", {})
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(c.get("errors_by_kind", {}).items())) or "none"
     print(f"run {s['run_id']}: {s['status']}", file=out)
