@@ -34,6 +34,9 @@ from pipeline.table import (
 )
 
 Log = Callable[[str], None]
+# When the first inputs of a run all fail to be read for these reasons, the cause is the setup, not the files.
+SYSTEMIC_KINDS = ("access_denied", "storage")
+SYSTEMIC_FIRST = 5
 
 
 def _stderr(msg: str) -> None:
@@ -139,6 +142,18 @@ def list_work(cfg: RunConfig) -> list[InputItem]:
             + (f" with extensions {', '.join(cfg.extensions)}" if cfg.extensions and not cfg.manifest else "")
         )
     return items
+
+
+def systemic_failure(first: list[dict], total: int) -> str | None:
+    """A stop reason when the first inputs of a run all failed to be read for the same setup-level reason."""
+    if total < 2 or len(first) < min(SYSTEMIC_FIRST, total):
+        return None
+    kinds = {r.get("error_kind") for r in first}
+    if any(r["status"] != "error" for r in first) or len(kinds) != 1 or not kinds <= set(SYSTEMIC_KINDS):
+        return None
+    return (f"the first {len(first)} inputs all failed to be read ({first[0]['error_kind']}): "
+            f"{first[0]['error_message']}. This looks systemic (credentials, permissions, endpoint), not a bad "
+            "file: fix it and rerun")
 
 
 # ---- assembling whole recordings on the driver ---------------------------------------------------------------
@@ -508,6 +523,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             writer.metadata["mert.device"] = facts.provenance["device"]
             ds = build_dataset(ray, cfg, facts, todo, placement)
             assembler = Assembler()
+            first: list[dict] = []
             last_log = time.monotonic()
             stop_reason = None
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -525,6 +541,11 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                     writer.add(record, segs)
                     if writer.due():
                         writer.commit()
+                    if counts["processed"] <= SYSTEMIC_FIRST:
+                        first.append(record)
+                        stop_reason = systemic_failure(first, len(todo))
+                        if stop_reason:
+                            break
                     if (counts["processed"] >= cfg.error_rate_min_inputs
                             and counts["error"] / counts["processed"] > cfg.max_error_rate):
                         stop_reason = (

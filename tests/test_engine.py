@@ -310,3 +310,26 @@ def _auth_moto_server():
         except Exception:  # noqa: BLE001
             time.sleep(0.1)
     return f"http://127.0.0.1:{port}", proc
+
+
+def test_a_model_that_will_not_load_fails_fast(corpus, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "mert_model", "feature_extractor_cqt": True}))
+    t0 = time.time()
+    with pytest.raises(PipelineError, match="broken"):
+        run(cfg(corpus, tmp_path / "t", broken))
+    assert time.time() - t0 < 30 and not (tmp_path / "t").exists()
+
+
+def test_first_inputs_all_unreadable_is_systemic():
+    from pipeline.engine import systemic_failure
+
+    denied = {"status": "error", "error_kind": "access_denied", "error_message": "s3://b/x: access denied"}
+    assert "looks systemic" in systemic_failure([denied] * 5, total=100)
+    assert "looks systemic" in systemic_failure([denied] * 3, total=3)
+    assert systemic_failure([denied] * 4, total=100) is None  # not yet enough evidence
+    assert systemic_failure([denied] * 4 + [{"status": "ok"}], total=100) is None
+    decode = dict(denied, error_kind="decode")
+    assert systemic_failure([decode] * 5, total=100) is None  # bad files are data, not a setup problem
+    assert systemic_failure([denied], total=1) is None
