@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import uuid
 
 import pytest
+
+# Staged checkpoints and content hashes go to a throwaway cache, not the user's (set before any Ray starts,
+# so workers inherit it).
+os.environ.setdefault("MERT_PIPELINE_CACHE", tempfile.mkdtemp(prefix="mert-cache-"))
 
 S3_KEY = "testing-key-id"
 S3_SECRET = "testing-secret-key-do-not-log"
