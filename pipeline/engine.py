@@ -500,6 +500,9 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                "config_hash": facts.config_hash, "provenance": facts.provenance, "counts": counts}
     audio_s = 0.0
     writer = None
+    # when the stages started to deliver, so that a summary separates start-up (Ray, actor model load, the first
+    # batch) from the steady rate: seconds since t0, and segment audio seconds delivered after the first block
+    timings: dict = {}
     try:
         table.init_or_check(_table_meta(cfg, facts))
         cleaned = table.vacuum(live_runs={run_id})
@@ -511,6 +514,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
         if todo:
             ray = connect(cfg, log)
             placement = place(cfg, ray)
+            timings["ray_ready_s"] = round(time.time() - t0, 3)
             facts.provenance["device"] = device_name(ray, placement)
             writer.metadata["mert.device"] = facts.provenance["device"]
             ds = build_dataset(ray, cfg, facts, todo, placement)
@@ -519,6 +523,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             last_log = time.monotonic()
             stop_reason = None
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                _time_block(timings, block, t0)
                 for record, segs in assembler.add(block):
                     counts["processed"] += 1
                     status = record["status"]
@@ -574,6 +579,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             finished_at=_now(), wall_s=round(wall, 3), audio_hours=round(audio_s / 3600, 6),
             audio_s_per_s=round(audio_s / wall, 3) if wall > 0 else None,
             shards=writer.shard if writer else 0,
+            timings=_steady(timings),
             versions={"pipeline": __version__, "python": platform.python_version(), **_versions()},
         )
         try:
@@ -583,6 +589,31 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     if summary["status"] == "stopped":
         raise PipelineError(f"run {run_id} stopped: {summary['stop_reason']}")
     return summary
+
+
+def _time_block(timings: dict, block: pa.Table, t0: float) -> None:
+    """Note when an embedded block reached the driver and how much segment audio (seconds) it carries."""
+    import pyarrow.compute as pc
+
+    now = round(time.time() - t0, 3)
+    seg = pc.sum(pc.filter(block.column("duration_s"), pc.is_null(block.column("record")))).as_py() or 0.0
+    if "first_output_s" not in timings:
+        timings["first_output_s"] = now
+        timings["steady_audio_s"] = 0.0  # audio delivered after the first block
+    else:
+        timings["steady_audio_s"] += seg
+    timings["last_output_s"] = now
+
+
+def _steady(timings: dict) -> dict:
+    """timings plus steady_audio_s_per_s: the rate between the first and the last delivered block, i.e. without
+    Ray start-up, the actors' model load and the first batch (None with fewer than two blocks)."""
+    out = dict(timings)
+    span = out.get("last_output_s", 0.0) - out.get("first_output_s", 0.0)
+    if "steady_audio_s" in out:
+        out["steady_audio_s"] = round(out["steady_audio_s"], 3)
+    out["steady_audio_s_per_s"] = round(out["steady_audio_s"] / span, 3) if span > 0 else None
+    return out
 
 
 def _versions() -> dict:
