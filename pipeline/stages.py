@@ -31,17 +31,6 @@ DECODE_SCHEMA = pa.schema(
     ]
 )
 
-_DECODER = None  # one isolated decoder child per worker process, reused across inputs
-
-
-def _decoder():
-    global _DECODER
-    if _DECODER is None:
-        from pipeline.decoder import DecoderProcess
-
-        _DECODER = DecoderProcess()
-    return _DECODER
-
 
 def _segment_table(rid: str, segs: list) -> pa.Table:
     audio = pa.LargeListArray.from_arrays(
@@ -98,7 +87,7 @@ def decode_input(
     try:
         stream = read_segments(
             uri, sample_rate=sample_rate, segments=segments, storage_options=storage_options,
-            isolate=isolate, time_limit_s=time_limit_s, decoder=_decoder() if isolate else None,
+            isolate=isolate, time_limit_s=time_limit_s,  # isolated: this thread's reused decoder child
         )
         with stream:
             pending = []
