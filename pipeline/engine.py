@@ -13,6 +13,7 @@ import os
 import platform
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -499,7 +500,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     summary = {"run_id": run_id, "status": "running", "started_at": _now(), "config": cfg.public_dict(),
                "config_hash": facts.config_hash, "provenance": facts.provenance, "counts": counts}
     audio_s = 0.0
-    writer = None
+    writer = beat = None
     # when the stages started to deliver, so that a summary separates start-up (Ray, actor model load, the first
     # batch) from the steady rate: seconds since t0, and segment audio seconds delivered after the first block
     timings: dict = {}
@@ -520,8 +521,9 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             ds = build_dataset(ray, cfg, facts, todo, placement)
             assembler = Assembler()
             first: list[dict] = []
-            last_log = time.monotonic()
             stop_reason = None
+            beat = _Heartbeat(lambda: _progress_line(counts, len(todo), audio_s, t0), log,
+                              every=10.0 if cfg.progress else 0)
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
                 _time_block(timings, block, t0)
                 for record, segs in assembler.add(block):
@@ -555,12 +557,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                     break
                 if writer.due():  # the commit interval also passes while blocks are in flight
                     writer.commit()
-                if cfg.progress and time.monotonic() - last_log >= 5:
-                    last_log = time.monotonic()
-                    el = time.time() - t0
-                    log(f"[mert] {counts['processed']}/{len(todo)} inputs ({counts['ok']} ok, {counts['error']} "
-                        f"error, {counts['too_short']} too short), {audio_s / 3600:.3f} audio h, "
-                        f"{audio_s / max(el, 1e-9):.1f} audio s/s")
+            beat.stop()
             writer.commit()
             if stop_reason:
                 summary["status"] = "stopped"
@@ -574,6 +571,8 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
         summary["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if beat is not None:
+            beat.stop()
         wall = time.time() - t0
         summary.update(
             finished_at=_now(), wall_s=round(wall, 3), audio_hours=round(audio_s / 3600, 6),
@@ -589,6 +588,33 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     if summary["status"] == "stopped":
         raise PipelineError(f"run {run_id} stopped: {summary['stop_reason']}")
     return summary
+
+
+def _progress_line(counts: dict, total: int, audio_s: float, t0: float) -> str:
+    el = time.time() - t0
+    return (f"[mert] {counts['processed']}/{total} inputs done ({counts['ok']} ok, {counts['error']} error, "
+            f"{counts['too_short']} too short), {audio_s / 3600:.3f} audio h in {el:.0f} s, "
+            f"{audio_s / max(el, 1e-9):.1f} audio s/s")
+
+
+class _Heartbeat:
+    """Prints a progress line every `every` seconds from a thread, also while the driver waits on the model."""
+
+    def __init__(self, line: Callable[[], str], log: Log, every: float):
+        self._stop = threading.Event()
+        self._line, self._log, self._every = line, log, every
+        if every > 0:
+            threading.Thread(target=self._run, name="mert-progress", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self._log(self._line())
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            if self._every > 0:
+                self._log(self._line())
 
 
 def _time_block(timings: dict, block: pa.Table, t0: float) -> None:
