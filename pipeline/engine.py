@@ -524,7 +524,10 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             stop_reason = None
             beat = _Heartbeat(lambda: _progress_line(counts, len(todo), audio_s, t0), log,
                               every=10.0 if cfg.progress else 0)
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            # prefetch_batches=0: each block reaches the driver when its task finishes. Ray's prefetcher holds
+            # finished blocks back until it has more of them (with 2, a short run delivered everything at the end),
+            # which delays commits and progress; the executor keeps running meanwhile either way.
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 _time_block(timings, block, t0)
                 for record, segs in assembler.add(block):
                     counts["processed"] += 1
