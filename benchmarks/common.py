@@ -185,22 +185,50 @@ def audio_files(folder: Path) -> list[Path]:
 class TreeMemory:
     """Samples the memory of a process and all its descendants every `interval_s` seconds in a thread.
 
-    Per sample: the sum of RSS (counts pages shared between processes once per process: the object store's shared
-    memory, the libraries) and the sum of PSS (shares each shared page among the processes that map it: the
-    tree's real footprint). `peak()` gives the largest sums seen and the largest process count.
+    Per sample: the sum of PSS over the tree (each shared page divided among the processes that map it: the tree's
+    real footprint at that moment) and the sum of RSS (shared pages counted once per process). Per process: its
+    high-water RSS (VmHWM, kept by the kernel, so a peak between two samples is not missed); their sum bounds the
+    tree's peak from above. Also the growth of /dev/shm (Ray's object store lives there: objects no process maps
+    any more appear in no PSS). `peak()` gives the peaks; `series` one (seconds, PSS MB) point per `every_s`.
     """
 
-    def __init__(self, pid: int, interval_s: float = 0.25):
+    def __init__(self, pid: int, interval_s: float = 0.25, every_s: float = 5.0):
         import psutil
 
         self.root = psutil.Process(pid)
         self.interval_s = interval_s
+        self.every_s = every_s
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_procs = 0
+        self.hwm: dict[int, int] = {}  # pid -> VmHWM bytes
         self.pids: set[int] = set()
+        self.series: list[tuple[float, float]] = []
+        self._shm0 = self._shm()
+        self.peak_shm = 0
+        self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _shm() -> int:
+        try:
+            import shutil
+
+            return shutil.disk_usage("/dev/shm").used
+        except OSError:
+            return 0
+
+    @staticmethod
+    def _vmhwm(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
 
     def _sample(self) -> None:
         import psutil
@@ -223,9 +251,14 @@ class TreeMemory:
             rss += m.rss
             pss += getattr(m, "pss", m.rss)
             self.pids.add(p.pid)
+            self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), self._vmhwm(p.pid))
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, len(procs))
+        self.peak_shm = max(self.peak_shm, self._shm() - self._shm0)
+        t = time.monotonic() - self._t0
+        if not self.series or t - self.series[-1][0] >= self.every_s:
+            self.series.append((round(t, 1), round(pss / 2**20)))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -241,9 +274,7 @@ class TreeMemory:
         self._thread.join()
 
     def peak(self) -> dict:
-        return {"peak_pss_mb": round(self.peak_pss / 2**20, 1), "peak_rss_sum_mb": round(self.peak_rss / 2**20, 1),
-                "peak_processes": self.peak_procs}
-
-
-def stopwatch() -> float:
-    return time.perf_counter()
+        mb = 2**20
+        return {"peak_pss_mb": round(self.peak_pss / mb, 1), "peak_rss_sum_mb": round(self.peak_rss / mb, 1),
+                "sum_of_process_peaks_mb": round(sum(self.hwm.values()) / mb, 1),
+                "shm_growth_peak_mb": round(self.peak_shm / mb, 1), "peak_processes": self.peak_procs}
