@@ -339,6 +339,9 @@ def device_name(ray, placement: Placement) -> str:
         return "cuda (unknown)"
 
 
+DECODE_TABLE_SEGMENTS = 8  # segments per table a decode task yields (stages.decode_input)
+
+
 def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], placement: Placement):
     import warnings
 
@@ -350,6 +353,19 @@ def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem],
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    seg = cfg.segment_config()
+    window_bytes = int(round(seg.window_s * facts.spec.sample_rate)) * 4  # one window of float32 audio
+    embed_rows = cfg.batch_size * 4
+    # Blocks of about one decode table, so decoded audio streams to the actors table by table (Ray's default
+    # 128 MiB blocks made a decode task of a long input hold ~23 minutes of audio before handing any of it on) ...
+    ctx.target_max_block_size = max(1 << 20, int(0.75 * DECODE_TABLE_SEGMENTS * window_bytes))
+    # ... and a bound on what waits in the object store: decoding outruns a CPU actor ~40x, and under Ray's default
+    # budget (half the object store) a 60-minute input queued all of its audio (~345 MB at 24 kHz), a catalog
+    # up to that budget. Room for 4 embed calls per actor, inputs and outputs, is plenty to keep actors fed.
+    out_row = len(facts.layers) * facts.spec.dim * 4 * (
+        math.ceil(seg.window_s * facts.spec.frame_rate) if cfg.granularity == "frame" else 1)
+    ahead = max(256 << 20, placement.actors * 4 * embed_rows * (window_bytes + out_row))
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=ahead)
     # Ray 2.60 has no named parameter for max_restarts / max_task_retries / max_retries, and warns about the
     # free-form remote args that carry them (announced for removal in 2.64). Bounded beats infinite: keep them.
     warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
@@ -361,7 +377,8 @@ def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem],
         batch_format="pyarrow",
         fn_kwargs={
             "sample_rate": facts.spec.sample_rate,
-            "segments": cfg.segment_config(),
+            "segments": seg,
+            "segments_per_table": DECODE_TABLE_SEGMENTS,
             "storage_options": cfg.in_options,
             "time_limit_s": cfg.decode_timeout_s,
         },
@@ -384,7 +401,7 @@ def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem],
             "batch_size": cfg.batch_size,
             "threads": placement.threads,
         },
-        batch_size=cfg.batch_size * 4,  # room to group equal-length segments into full model batches
+        batch_size=embed_rows,  # room to group equal-length segments into full model batches
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=placement.actors),
         num_gpus=placement.num_gpus or None,
