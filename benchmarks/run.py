@@ -373,6 +373,8 @@ def gpu_figures(args, model_dir: Path, corpus: Path, files: list[Path], segments
         p["ratio_to_bound"] = round(p["audio_s_per_s"] / bound, 3)
         p["steady_ratio_to_bound"] = (round(p["steady_audio_s_per_s"] / bound, 3)
                                       if p["steady_audio_s_per_s"] else None)
+        p["goal_fed_end_to_end"] = p["ratio_to_bound"] >= GOAL_FED  # >= 0.85 x min(model only, CPU capacity)
+        p["goal_fed_steady"] = bool(p["steady_ratio_to_bound"] and p["steady_ratio_to_bound"] >= GOAL_FED)
         out["by_dtype"][dtype] = {"model_only": m, "pipeline": p}
     if not args.skip_naive:
         from benchmarks.naive import naive_throughput
