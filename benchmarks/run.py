@@ -99,59 +99,94 @@ def decoded_segments(files: list[Path], sample_rate: int, window_s: float, count
     return np.stack(out)
 
 
-def model_only(model_dir: Path, segments: np.ndarray, batch_size: int, batches: int, *, threads: int | None,
-               device: str = "cpu", dtype: str = "float32") -> dict:
+class ModelOnly:
     """Embedder.embed on batches of `batch_size` equal-length segments (cycling through `segments`), all layers,
-    segment granularity: one warm-up batch, then `batches` timed ones."""
-    import torch
+    segment granularity: one warm-up batch at construction, then `timed(n)` adds n timed batches. The harness
+    times half before and half after the pipeline run, so that a slow or fast spell of the machine weighs on both
+    sides of the ratio."""
 
-    from pipeline.embed import Embedder
-    from pipeline.models import load_model
+    def __init__(self, model_dir: Path, segments: np.ndarray, batch_size: int, *, threads: int | None,
+                 device: str = "cpu", dtype: str = "float32"):
+        import torch
 
-    if threads and device == "cpu":
-        torch.set_num_threads(threads)
-    t = time.perf_counter()
-    loaded = load_model(str(model_dir))
-    emb = Embedder(loaded, device=device, dtype=dtype)
-    load_s = time.perf_counter() - t
-    sr = loaded.spec.sample_rate
-    seg_s = segments.shape[1] / sr
-    reps = -(-batch_size * (batches + 1) // len(segments))
-    pool = np.concatenate([segments] * reps)  # (>= B * (batches + 1), N)
+        from pipeline.embed import Embedder
+        from pipeline.models import load_model
 
-    on_cuda = emb.device.type == "cuda"
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        t = time.perf_counter()
+        loaded = load_model(str(model_dir))
+        self.emb = Embedder(loaded, device=device, dtype=dtype)
+        self.load_s = time.perf_counter() - t
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.segments = segments  # (n, N)
+        self.seg_s = segments.shape[1] / loaded.spec.sample_rate
+        self.times: list[float] = []
+        self.phases: list[tuple[int, int]] = []  # (first, last + 1) index into times per call of timed()
+        self._next = 0
+        self.warm_s = self._batch()
 
-    def sync() -> None:
+    def _batch(self) -> float:
+        import torch
+
+        n = len(self.segments)
+        idx = [(self._next + i) % n for i in range(self.batch_size)]
+        self._next = (self._next + self.batch_size) % n
+        x = self.segments[idx]  # (B, N)
+        on_cuda = self.emb.device.type == "cuda"
         if on_cuda:
             torch.cuda.synchronize()
-
-    sync()
-    t = time.perf_counter()
-    emb.embed(pool[:batch_size])
-    sync()
-    warm_s = time.perf_counter() - t
-    times = []
-    for i in range(1, batches + 1):
         t = time.perf_counter()
-        out = emb.embed(pool[i * batch_size:(i + 1) * batch_size])
-        sync()
-        times.append(time.perf_counter() - t)
+        out = self.emb.embed(x)
+        if on_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
         if not np.isfinite(out).all():
             raise RuntimeError("the model gave non-finite features on the benchmark segments")
-    wall = sum(times)
-    audio = batches * batch_size * seg_s
-    result = {
-        "device": str(emb.device), "dtype": dtype, "threads": torch.get_num_threads() if device == "cpu" else None,
-        "batch_size": batch_size, "segment_s": round(seg_s, 3), "timed_batches": batches,
-        "audio_s": round(audio, 2), "wall_s": round(wall, 3), "audio_s_per_s": round(audio / wall, 3),
-        "seconds_per_batch": [round(x, 3) for x in times], "warmup_batch_s": round(warm_s, 3),
-        "model_load_s": round(load_s, 2),
-    }
-    del emb, loaded
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return result
+        return dt
+
+    def timed(self, batches: int) -> None:
+        first = len(self.times)
+        self.times += [self._batch() for _ in range(batches)]
+        self.phases.append((first, len(self.times)))
+
+    def result(self) -> dict:
+        import torch
+
+        per_batch = self.batch_size * self.seg_s
+        wall = sum(self.times)
+        out = {
+            "device": str(self.emb.device), "dtype": self.dtype,
+            "threads": torch.get_num_threads() if self.device == "cpu" else None,
+            "batch_size": self.batch_size, "segment_s": round(self.seg_s, 3), "timed_batches": len(self.times),
+            "audio_s": round(per_batch * len(self.times), 2), "wall_s": round(wall, 3),
+            "audio_s_per_s": round(per_batch * len(self.times) / wall, 3),
+            "audio_s_per_s_by_phase": [round(per_batch * (b - a) / sum(self.times[a:b]), 3)
+                                       for a, b in self.phases if b > a],
+            "seconds_per_batch": [round(x, 3) for x in self.times], "warmup_batch_s": round(self.warm_s, 3),
+            "model_load_s": round(self.load_s, 2),
+        }
+        return out
+
+    def close(self) -> None:
+        import torch
+
+        on_cuda = self.emb.device.type == "cuda"
+        del self.emb
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+
+def model_only(model_dir: Path, segments: np.ndarray, batch_size: int, batches: int, *, threads: int | None,
+               device: str = "cpu", dtype: str = "float32") -> dict:
+    """ModelOnly in one go: a warm-up batch, then `batches` timed ones."""
+    m = ModelOnly(model_dir, segments, batch_size, threads=threads, device=device, dtype=dtype)
+    try:
+        m.timed(batches)
+        return m.result()
+    finally:
+        m.close()
 
 
 # ---- 2. the CPU stage ------------------------------------------------------------------------------------------
@@ -486,7 +521,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--format", default="mp3", help="their format: mp3, flac, wav, ogg, m4a (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=8, help="segments per model call (default %(default)s)")
     ap.add_argument("--window", type=float, default=5.0, help="segment window, seconds (default %(default)s)")
-    ap.add_argument("--model-batches", type=int, default=4, help="timed model-only batches (default %(default)s)")
+    ap.add_argument("--model-batches", type=int, default=6,
+                    help="timed model-only batches, half before and half after the pipeline (default %(default)s)")
     ap.add_argument("--short-seconds", type=float, default=60.0, help="short memory input (default %(default)s)")
     ap.add_argument("--long-seconds", type=float, default=3600.0, help="long memory input (default %(default)s)")
     ap.add_argument("--tree-time-box", type=float, default=150.0,
@@ -541,18 +577,28 @@ def benchmark(args: argparse.Namespace) -> dict:
         result["cpu_stage"] = cpu_stage(files, sr, args.window)
         result["corpus"]["audio_s"] = result["cpu_stage"]["audio_s"]
         log(f"[bench]   {result['cpu_stage']}")
+    mo = None
     if "model" not in args.skip:
         log(f"[bench] model only: batch {args.batch_size}, {threads} torch threads (as the pipeline's actor)")
-        m = model_only(model_dir, segments, args.batch_size, args.model_batches, threads=threads)
-        m["achieved_gflops"] = round(m["audio_s_per_s"] * flops["total"] / 1e9, 1)
-        result["model_only"] = m
-        log(f"[bench]   {m['audio_s_per_s']} audio s/s ({m['seconds_per_batch']} s per batch)")
+        mo = ModelOnly(model_dir, segments, args.batch_size, threads=threads)
+        before = (args.model_batches + 1) // 2 if "pipeline" not in args.skip else args.model_batches
+        mo.timed(before)
+        log(f"[bench]   {mo.result()['audio_s_per_s']} audio s/s ({before} batches before the pipeline)")
     if "pipeline" not in args.skip:
         log("[bench] pipeline: engine.run through Ray to Parquet, fresh table")
         result["pipeline"] = pipeline_run(corpus, model_dir, work, batch_size=args.batch_size)
         result["corpus"]["audio_s"] = result["corpus"]["audio_s"] or result["pipeline"]["audio_s"]
         log(f"[bench]   {result['pipeline']['audio_s_per_s']} audio s/s end to end, "
             f"{result['pipeline']['steady_audio_s_per_s']} steady; timings {result['pipeline']['timings']}")
+    if mo is not None:
+        if args.model_batches - len(mo.times) > 0:
+            mo.timed(args.model_batches - len(mo.times))
+        m = mo.result()
+        mo.close()
+        m["achieved_gflops"] = round(m["audio_s_per_s"] * flops["total"] / 1e9, 1)
+        result["model_only"] = m
+        log(f"[bench]   model only {m['audio_s_per_s']} audio s/s overall, {m['audio_s_per_s_by_phase']} before / "
+            f"after the pipeline ({m['seconds_per_batch']} s per batch)")
     if not args.skip_naive:
         from benchmarks.naive import naive_throughput
 
