@@ -41,10 +41,14 @@ RUN_OPTIONS: list[tuple[str, str, object, str]] = [
     ("--lease-ttl", "lease_ttl_s", float, "the table lease expires this long after its last renewal (120)"),
     ("--lease-wait", "lease_wait_s", float, "wait this long for another run's lease (default 0: refuse)"),
     ("--run-id", "run_id", str, "run id (default: UTC time + random suffix)"),
+    ("--max-delete-fraction", "max_delete_fraction", float,
+     "with --mirror-deletions: refuse to tombstone more than this fraction of the table at once (0.5)"),
 ]
 RUN_FLAGS = [("--manifest", "manifest", "INPUT is a Parquet/CSV manifest with a `uri` column"),
              ("--retry-errors", "retry_errors", "reprocess inputs whose last row is a permanent error"),
-             ("--dry-run", "dry_run", "list the work and estimate audio hours, output size and time")]
+             ("--dry-run", "dry_run", "list the work and estimate audio hours, output size and time"),
+             ("--mirror-deletions", "mirror_deletions",
+              "tombstone recordings whose input is gone from the listing: readers hide them, compact drops them")]
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:

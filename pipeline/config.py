@@ -74,6 +74,9 @@ class RunConfig:
     lease_ttl_s: float = 120.0  # the table lease expires this long after the last renewal
     lease_wait_s: float = 0.0  # wait this long for another run's lease before giving up
     run_id: str | None = None  # default: UTC time + random suffix
+    mirror_deletions: bool = False  # inputs gone from the listing get a tombstone row: readers hide them
+    max_delete_fraction: float = 0.5  # ... but refuse to tombstone more than this fraction of the table at once
+    tick: str | None = None  # a schedule tick label (jobs.scheduled): a tick already complete does nothing
     dry_run: bool = False
     progress: bool = True
 
@@ -119,6 +122,8 @@ class RunConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise bad(name, "must be a positive number")
+        if not (isinstance(self.max_delete_fraction, (int, float)) and 0 < self.max_delete_fraction <= 1):
+            raise bad("max_delete_fraction", "must be a fraction in (0, 1]")
         if not (isinstance(self.lease_wait_s, (int, float)) and self.lease_wait_s >= 0):
             raise bad("lease_wait_s", "must be >= 0 seconds")
         for name in ("storage_options", "output_storage_options"):

@@ -25,6 +25,8 @@ Fault injection (tests): the CHILD reads MERT_PIPELINE_FAULT_INJECTION, a comma-
   crash       os._exit(134), like a decoder that segfaults or aborts
   hang        sleeps forever, like a decoder stuck in a loop
   crash_after / hang_after   the same, after the header and the first chunk were sent (mid-file)
+The decode STAGE (pipeline.stages, in the Ray worker process) reads one more action:
+  worker_crash   os._exit(137) in the worker itself, like a file that takes its whole worker process down
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _read_exact_blocking(inp: BinaryIO, n: int) -> bytes | None:
     return data
 
 
-def _injected(uri: str) -> dict[str, bool]:
+def injected(uri: str) -> dict[str, bool]:
     acts: dict[str, bool] = {}
     for item in os.environ.get(FAULT_ENV, "").split(","):
         action, _, sub = item.strip().partition(":")
@@ -106,7 +108,7 @@ def _child_main() -> None:
             return
         req = pickle.loads(payload)
         uri = req["uri"]
-        acts = _injected(uri)
+        acts = injected(uri)
         for a in ("crash", "hang"):
             if acts.get(a):
                 _act(a)

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.config import RunConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RunInterrupted, RunStopped
 from pipeline.inputs import InputItem, list_inputs, read_manifest
 from pipeline.stages import decode_batch, layer_column
 from pipeline.table import (
@@ -112,7 +112,7 @@ def select_work(items: list[InputItem], latest: pa.Table, retry_errors: bool) ->
     todo, skipped = [], 0
     for item in items:
         prev = known.get(item.recording_id)
-        if prev is None or prev[0] != item.fingerprint:
+        if prev is None or prev[0] != item.fingerprint or prev[1] == "deleted":
             todo.append(item)
         elif prev[1] in ("ok", "too_short"):
             skipped += 1
@@ -154,6 +154,7 @@ def systemic_failure(first: list[dict], total: int) -> str | None:
 class _Pending:
     tables: list = field(default_factory=list)
     received: int = 0
+    seen: set = field(default_factory=set)
     record: dict | None = None
 
 
@@ -163,18 +164,25 @@ class Assembler:
 
     def __init__(self) -> None:
         self.pending: dict[str, _Pending] = {}
+        self.finished: set[str] = set()  # rows of a finished recording that arrive again are dropped
 
     def add(self, table: pa.Table) -> list[tuple[dict, pa.Table | None]]:
         done = []
         rids = table.column("recording_id").to_pylist()
         records = table.column("record").to_pylist()
+        segments = table.column("segment").to_pylist()
         seg_rows: dict[str, list[int]] = {}
         touched = []
-        for i, (rid, rec) in enumerate(zip(rids, records, strict=True)):
+        for i, (rid, rec, seg) in enumerate(zip(rids, records, segments, strict=True)):
+            if rid in self.finished:
+                continue
             p = self.pending.setdefault(rid, _Pending())
             if rec is not None:
                 p.record = json.loads(rec)
+            elif seg in p.seen:
+                continue
             else:
+                p.seen.add(seg)
                 seg_rows.setdefault(rid, []).append(i)
             touched.append(rid)
         for rid, idx in seg_rows.items():
@@ -185,6 +193,7 @@ class Assembler:
             p = self.pending[rid]
             if p.record is not None and p.received >= p.record.get("sent", p.record["segments"]):
                 del self.pending[rid]
+                self.finished.add(rid)
                 segs = None
                 if p.record["status"] == "ok" and p.tables:
                     segs = pa.concat_tables(p.tables).sort_by("segment")
@@ -214,6 +223,12 @@ class ShardWriter:
                 segs = self._pool_recording(segs)
             self.segments.append(segs)
             self.bytes += segs.nbytes
+
+    def tombstone(self, previous: dict, reason: str) -> None:
+        """A ledger row that hides a recording whose input is gone (its newest row was `previous`)."""
+        self.records.append({"recording_id": previous["recording_id"], "uri": previous["uri"],
+                             "fingerprint": previous["fingerprint"], "status": "deleted", "error_kind": None,
+                             "retryable": False, "error_message": reason, "segments": 0})
 
     def _pool_recording(self, segs: pa.Table) -> pa.Table:
         """Segment vectors -> one recording vector per layer, weighted by frame counts."""
@@ -340,9 +355,66 @@ def device_name(ray, placement: Placement) -> str:
 
 
 DECODE_TABLE_SEGMENTS = 8  # segments per table a decode task yields (stages.decode_input)
+# An input under which the worker process died this many times becomes an `error` row (worker_crash). A decode
+# task is tried one more time than that, plus one spare for a node that dies under an innocent input.
+INPUT_CRASH_LIMIT = 2
+DECODE_TASK_RETRIES = INPUT_CRASH_LIMIT + 1
 
 
-def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], placement: Placement):
+class Attempts:
+    """begin/end of each input's decode, counted by one small actor on the driver's node (it outlives the
+    workers that die). Passed to the decode stage, which knows nothing of Ray: see stages.decode_input."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    @classmethod
+    def start(cls, ray) -> Attempts:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=0, max_restarts=0)
+        class _Counter:
+            def __init__(self):
+                self.open: dict[str, int] = {}
+
+            def begin(self, key: str) -> int:
+                n = self.open.get(key, 0)
+                self.open[key] = n + 1
+                return n
+
+            def end(self, key: str) -> None:
+                self.open.pop(key, None)
+
+        here = ray.get_runtime_context().get_node_id()
+        handle = _Counter.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
+        return cls(handle)
+
+    def begin(self, key: str) -> int:
+        import ray
+
+        try:
+            return int(ray.get(self.handle.begin.remote(key), timeout=60))
+        except Exception:  # noqa: BLE001 - without the counter, Ray's own retry bound still holds
+            return 0
+
+    def end(self, key: str) -> None:
+        try:
+            self.handle.end.remote(key)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.kill(self.handle)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], placement: Placement,
+                  attempts: Attempts | None = None):
     import warnings
 
     import ray.data
@@ -381,10 +453,14 @@ def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem],
             "segments_per_table": DECODE_TABLE_SEGMENTS,
             "storage_options": cfg.in_options,
             "time_limit_s": cfg.decode_timeout_s,
+            "attempts": attempts,
+            "crash_limit": INPUT_CRASH_LIMIT,
         },
         compute=TaskPoolStrategy(size=placement.decode_workers) if placement.decode_workers else None,
         num_cpus=1,
-        max_retries=2,  # a worker that dies is retried twice, not forever (Ray's default for tasks is 3+)
+        # A task whose worker dies is retried a bounded number of times, not forever; the input it was reading
+        # when its worker died INPUT_CRASH_LIMIT times comes back as an error row (Attempts).
+        max_retries=DECODE_TASK_RETRIES,
     )
     ds = ds.map_batches(
         EmbedStage,
@@ -483,8 +559,8 @@ def _probe_duration(uri: str, storage_options: dict) -> float | None:
 def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     """Run the pipeline. Returns the run summary (also written to runs/<run_id>.json).
 
-    Raises PipelineError for systemic failures (before any work) and when the error-rate limit stops the run
-    (after committing what finished).
+    Raises PipelineError for systemic failures (before any work), RunStopped when the error-rate limit stops the
+    run and RunInterrupted on SIGTERM/SIGINT (both after committing what finished; `.summary` is the record).
     """
     from pipeline.models import load_model
 
@@ -501,84 +577,121 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     facts = model_facts(cfg, loaded)
     table = FeatureTable(cfg.output, cfg.out_options)
     meta = table.read_meta()
-    latest = table.ledger(latest=True) if meta is not None else LEDGER_SCHEMA.empty_table()
     if meta is not None and meta.get("config_hash") != facts.config_hash:
         table.init_or_check(_table_meta(cfg, facts))  # raises with the differences
-    todo, skipped = select_work(items, latest, cfg.retry_errors)
     if cfg.dry_run:
-        plan = {"run_id": None, "status": "dry_run", "inputs_listed": len(items), "skipped": skipped,
-                "work": [i.uri for i in todo], **estimate(cfg, facts, todo, loaded, log)}
-        return plan
+        latest = table.ledger(latest=True) if meta is not None else LEDGER_SCHEMA.empty_table()
+        todo, skipped = select_work(items, latest, cfg.retry_errors)
+        gone = _gone(items, latest) if cfg.mirror_deletions else []
+        return {"run_id": None, "status": "dry_run", "inputs_listed": len(items), "skipped": skipped,
+                "to_tombstone": len(gone), "work": [i.uri for i in todo], **estimate(cfg, facts, todo, loaded, log)}
     del loaded
     table.check_writable()
+    # The lease first, then the ledger: a run that waited for another one's lease sees what that run committed.
     table.acquire_lease(run_id, cfg.lease_ttl_s, cfg.lease_wait_s)
-    counts = {"listed": len(items), "skipped": skipped, "processed": 0, "ok": 0, "error": 0, "too_short": 0,
-              "errors_by_kind": {}, "truncated": 0}
-    summary = {"run_id": run_id, "status": "running", "started_at": _now(), "config": cfg.public_dict(),
-               "config_hash": facts.config_hash, "provenance": facts.provenance, "counts": counts}
+    if cfg.tick:
+        try:
+            done = [r for r in table.runs() if r.get("tick") == cfg.tick and r.get("status") == "complete"]
+        except BaseException:
+            table.release_lease()
+            raise
+        if done:
+            table.release_lease()
+            log(f"[mert] tick {cfg.tick} is already complete in {cfg.output} (run {done[0]['run_id']}): nothing to do")
+            return {"run_id": None, "status": "noop", "tick": cfg.tick, "done_by": done[0]["run_id"],
+                    "counts": {"listed": len(items)}}
+    counts = {"listed": len(items), "skipped": 0, "processed": 0, "ok": 0, "error": 0, "too_short": 0,
+              "deleted": 0, "errors_by_kind": {}, "truncated": 0}
+    summary = {"run_id": run_id, "status": "running", "started_at": _now(), "tick": cfg.tick,
+               "config": cfg.public_dict(), "config_hash": facts.config_hash, "provenance": facts.provenance,
+               "counts": counts}
     audio_s = 0.0
-    writer = beat = None
+    writer = beat = attempts = None
+    signals = _Signals()
     # when the stages started to deliver, so that a summary separates start-up (Ray, actor model load, the first
     # batch) from the steady rate: seconds since t0, and segment audio seconds delivered after the first block
     timings: dict = {}
+    signals.install()
     try:
         table.init_or_check(_table_meta(cfg, facts))
         cleaned = table.vacuum(live_runs={run_id})
         if cleaned["removed_files"]:
             log(f"[mert] removed {len(cleaned['removed_files'])} file(s) of interrupted runs")
+        latest = table.ledger(latest=True)
+        todo, counts["skipped"] = select_work(items, latest, cfg.retry_errors)
         writer = ShardWriter(table, run_id, facts, cfg, log)
-        log(f"[mert] run {run_id}: {len(todo)} to process, {skipped} skipped (already in the table), "
-            f"model {facts.spec.name}, layers {list(facts.layers)}")
+        if cfg.mirror_deletions:
+            gone = _gone(items, latest)
+            live = sum(1 for s_ in latest.column("status").to_pylist() if s_ != "deleted")
+            if len(gone) > cfg.max_delete_fraction * live:
+                raise PipelineError(
+                    f"{len(gone)} of the table's {live} recordings are no longer listed in {cfg.input}: more "
+                    f"than --max-delete-fraction {cfg.max_delete_fraction:.0%}. Nothing was tombstoned. Check "
+                    "the input (a mistyped prefix lists nothing of the catalog), or raise the fraction")
+            with signals.hold():
+                for row in gone:
+                    writer.tombstone(row, f"{row['uri']}: no longer listed in {cfg.input} (run {run_id})")
+                counts["deleted"] = len(gone)
+                writer.commit()
+            if gone:
+                log(f"[mert] tombstoned {len(gone)} recording(s) whose input is gone")
+        log(f"[mert] run {run_id}: {len(todo)} to process, {counts['skipped']} skipped (already in the "
+            f"table), model {facts.spec.name}, layers {list(facts.layers)}")
         if todo:
             ray = connect(cfg, log)
             placement = place(cfg, ray)
             timings["ray_ready_s"] = round(time.time() - t0, 3)
             facts.provenance["device"] = device_name(ray, placement)
             writer.metadata["mert.device"] = facts.provenance["device"]
-            ds = build_dataset(ray, cfg, facts, todo, placement)
+            attempts = Attempts.start(ray)
+            ds = build_dataset(ray, cfg, facts, todo, placement, attempts)
             assembler = Assembler()
             first: list[dict] = []
             stop_reason = None
             beat = _Heartbeat(lambda: _progress_line(counts, len(todo), audio_s, t0), log,
                               every=10.0 if cfg.progress else 0)
-            # prefetch_batches=0: each block reaches the driver when its task finishes. Ray's prefetcher holds
-            # finished blocks back until it has more of them (with 2, a short run delivered everything at the end),
-            # which delays commits and progress; the executor keeps running meanwhile either way.
+            # prefetch_batches=0: each block reaches the driver when its task finishes. Ray's prefetcher
+            # holds finished blocks back until it has more of them (with 2, a short run delivered everything
+            # at the end), which delays commits and progress; the executor keeps running either way.
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                _time_block(timings, block, t0)
-                for record, segs in assembler.add(block):
-                    counts["processed"] += 1
-                    status = record["status"]
-                    counts[status] += 1
-                    if status == "error":
-                        k = record.get("error_kind") or "?"
-                        counts["errors_by_kind"][k] = counts["errors_by_kind"].get(k, 0) + 1
-                    if record.get("truncated"):
-                        counts["truncated"] += 1
-                    if status == "ok":
-                        audio_s += float(record.get("duration_s") or 0.0)
-                    writer.add(record, segs)
-                    if writer.due():
-                        writer.commit()
-                    if counts["processed"] <= SYSTEMIC_FIRST:
-                        first.append(record)
-                        stop_reason = systemic_failure(first, len(todo))
-                        if stop_reason:
+                with signals.hold():  # a signal here waits for the block's commit, then ends the loop
+                    _time_block(timings, block, t0)
+                    for record, segs in assembler.add(block):
+                        counts["processed"] += 1
+                        status = record["status"]
+                        counts[status] += 1
+                        if status == "error":
+                            k = record.get("error_kind") or "?"
+                            counts["errors_by_kind"][k] = counts["errors_by_kind"].get(k, 0) + 1
+                        if record.get("truncated"):
+                            counts["truncated"] += 1
+                        if status == "ok":
+                            audio_s += float(record.get("duration_s") or 0.0)
+                        writer.add(record, segs)
+                        if writer.due():
+                            writer.commit()
+                        if counts["processed"] <= SYSTEMIC_FIRST:
+                            first.append(record)
+                            stop_reason = systemic_failure(first, len(todo))
+                            if stop_reason:
+                                break
+                        if (counts["processed"] >= cfg.error_rate_min_inputs
+                                and counts["error"] / counts["processed"] > cfg.max_error_rate):
+                            stop_reason = (
+                                f"error rate {counts['error']}/{counts['processed']} passed the limit "
+                                f"{cfg.max_error_rate:.0%} (errors by kind: {counts['errors_by_kind']}); "
+                                "the finished work is committed. Check the inputs, or raise --max-error-rate"
+                            )
                             break
-                    if (counts["processed"] >= cfg.error_rate_min_inputs
-                            and counts["error"] / counts["processed"] > cfg.max_error_rate):
-                        stop_reason = (
-                            f"error rate {counts['error']}/{counts['processed']} passed the limit "
-                            f"{cfg.max_error_rate:.0%} (errors by kind: {counts['errors_by_kind']}); "
-                            "the finished work is committed. Check the inputs, or raise --max-error-rate"
-                        )
-                        break
-                if stop_reason:
+                    if not stop_reason and writer.due():  # the interval also passes while blocks are in flight
+                        writer.commit()
+                if stop_reason or signals.received:
                     break
-                if writer.due():  # the commit interval also passes while blocks are in flight
-                    writer.commit()
             beat.stop()
-            writer.commit()
+            with signals.hold():
+                writer.commit()
+            if signals.received:
+                raise _Interrupt(signals.received)
             if stop_reason:
                 summary["status"] = "stopped"
                 summary["stop_reason"] = stop_reason
@@ -586,28 +699,102 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                 raise PipelineError(f"{len(assembler.pending)} recording(s) never completed in the dataset")
         if summary["status"] == "running":
             summary["status"] = "complete"
+    except _Interrupt as exc:
+        # Between blocks or while waiting for one: commit the recordings already complete, then stop. Nothing
+        # is half-written: a commit is never cut by the signal, and a shard only counts once its ledger file is.
+        with signals.hold():
+            if writer is not None:
+                writer.commit()
+        summary["status"] = "interrupted"
+        summary["stop_reason"] = (f"{exc.signame} received: the run stopped at a commit boundary with "
+                                  f"{counts['processed']} input(s) committed; rerun to resume")
     except BaseException as exc:
         summary["status"] = "failed"
         summary["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        if beat is not None:
-            beat.stop()
-        wall = time.time() - t0
-        summary.update(
-            finished_at=_now(), wall_s=round(wall, 3), audio_hours=round(audio_s / 3600, 6),
-            audio_s_per_s=round(audio_s / wall, 3) if wall > 0 else None,
-            shards=writer.shard if writer else 0,
-            timings=_steady(timings),
-            versions={"pipeline": __version__, "python": platform.python_version(), **_versions()},
-        )
-        try:
-            table.write_run(run_id, summary)  # written last
-        finally:
-            table.release_lease()
+        with signals.hold():
+            if beat is not None:
+                beat.stop()
+            if attempts is not None:
+                attempts.close()
+            wall = time.time() - t0
+            summary.update(
+                finished_at=_now(), wall_s=round(wall, 3), audio_hours=round(audio_s / 3600, 6),
+                audio_s_per_s=round(audio_s / wall, 3) if wall > 0 else None,
+                shards=writer.shard if writer else 0,
+                timings=_steady(timings),
+                versions={"pipeline": __version__, "python": platform.python_version(), **_versions()},
+            )
+            try:
+                table.write_run(run_id, summary)  # written last
+            finally:
+                table.release_lease()
+        signals.uninstall()
     if summary["status"] == "stopped":
-        raise PipelineError(f"run {run_id} stopped: {summary['stop_reason']}")
+        raise RunStopped(f"run {run_id} stopped: {summary['stop_reason']}", summary)
+    if summary["status"] == "interrupted":
+        raise RunInterrupted(f"run {run_id} interrupted: {summary['stop_reason']}", summary)
     return summary
+
+
+def _gone(items: list[InputItem], latest: pa.Table) -> list[dict]:
+    """Newest ledger rows of recordings that are no longer listed (and not already tombstoned)."""
+    listed = {i.recording_id for i in items}
+    rows = latest.select(["recording_id", "uri", "fingerprint", "status"]).to_pylist()
+    return [r for r in rows if r["recording_id"] not in listed and r["status"] != "deleted"]
+
+
+class _Interrupt(BaseException):
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame = signame
+
+
+class _Signals:
+    """SIGTERM and SIGINT end a run at a commit boundary. Inside hold() a signal is only noted (the driver
+    finishes the block or commit in hand, then stops); outside (waiting on Ray for the next block) it raises
+    _Interrupt at once. Installed only in the main thread; elsewhere signals keep their handlers."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._holding = 0
+        self._old: dict = {}
+
+    def install(self) -> None:
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        first = self.received is None
+        self.received = self.received or signal.Signals(signum).name
+        if self._holding == 0 and first and self._old:
+            raise _Interrupt(self.received)
+
+    def hold(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def _hold():
+            self._holding += 1
+            try:
+                yield
+            finally:
+                self._holding -= 1
+
+        return _hold()
 
 
 def _progress_line(counts: dict, total: int, audio_s: float, t0: float) -> str:

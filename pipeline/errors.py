@@ -100,3 +100,19 @@ class ModelLoadError(PipelineError):
 
     The message names the checkpoint's path or URI, what is wrong and what to do; the run stops before any input.
     """
+
+
+class RunEnded(PipelineError):
+    """A run that ended early after committing what it finished. `summary` is its run record."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+class RunStopped(RunEnded):
+    """The error-rate limit or a systemic first-inputs failure stopped the run."""
+
+
+class RunInterrupted(RunEnded):
+    """SIGTERM or SIGINT ended the run at a commit boundary: the finished work is committed, a rerun resumes."""

@@ -70,18 +70,37 @@ def decode_input(
     time_limit_s: float = 600.0,
     isolate: bool = True,
     segments_per_table: int = 8,
+    attempts=None,
+    crash_limit: int = 2,
 ) -> Iterator[pa.Table]:
     """Decode one input into tables of at most `segments_per_table` segments, then its record row.
 
     Memory stays bounded by a few windows: segments leave as soon as a table is full.
+
+    `attempts` (optional) counts, across processes, the tries of this input that began and never ended: the
+    worker process died under them. After `crash_limit` of those the input is not tried again; it becomes an
+    `error` row of kind `worker_crash`, so that a file that kills its worker ends the run's retries instead of
+    failing the dataset. It is any object with begin(key) -> tries left unfinished before, and end(key).
     """
     from pipeline.audio import read_segments
+    from pipeline.decoder import injected
 
     record = {
         "recording_id": recording_id, "uri": uri, "fingerprint": fingerprint, "status": "ok",
         "error_kind": None, "retryable": False, "error_message": None, "truncated": False, "warning": None,
         "duration_s": None, "sample_rate": None, "channels": None, "codec": None, "segments": 0,
     }
+    died = attempts.begin(recording_id) if attempts is not None else 0
+    if died >= crash_limit:
+        record.update(status="error", error_kind="worker_crash", error_message=(
+            f"{uri}: the worker process died {died} times while reading this input (a crash inside a decoding "
+            "library, or memory exhausted); it is recorded as an error so the run can finish. Check the file; "
+            "rerun with --retry-errors to try it again"), sent=0)
+        attempts.end(recording_id)
+        yield _record_table(recording_id, record)
+        return
+    if injected(uri).get("worker_crash"):  # fault injection (tests): die like a worker killed by a bad file
+        os._exit(137)
     count = 0
     stream = None
     try:
@@ -117,6 +136,8 @@ def decode_input(
     # failed midway: an error row has no features).
     record["sent"] = count
     record["segments"] = count if record["status"] == "ok" else 0
+    if attempts is not None:
+        attempts.end(recording_id)
     yield _record_table(recording_id, record)
 
 

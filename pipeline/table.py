@@ -42,7 +42,7 @@ LEDGER_SCHEMA = pa.schema(
         ("recording_id", pa.string()),
         ("uri", pa.string()),
         ("fingerprint", pa.string()),
-        ("status", pa.string()),  # ok | error | too_short
+        ("status", pa.string()),  # ok | error | too_short | deleted (a tombstone: the input is gone)
         ("error_kind", pa.string()),  # named fault (decode, not_found, storage, decoder_crash, ...)
         ("retryable", pa.bool_()),  # True: transient (storage); a rerun retries it by itself
         ("error_message", pa.string()),
@@ -465,6 +465,20 @@ class FeatureTable:
         self._invalidate()
         return {"removed_files": removed, "rewritten_files": rewritten, "superseded_rows_dropped": rows_dropped}
 
+    def compact(self, ttl_s: float = 120.0, wait_s: float = 0.0) -> dict:
+        """vacuum under the table's lease: after it, plain Parquet readers see exactly what the reader sees
+        (superseded rows of changed inputs and rows of tombstoned ones are gone from the files)."""
+        run_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        self.acquire_lease(run_id, ttl_s, wait_s)
+        try:
+            return self.vacuum(live_runs={run_id})
+        finally:
+            self.release_lease()
+
+    def last_run(self) -> dict | None:
+        runs = self.runs()
+        return runs[-1] if runs else None
+
     def runs(self) -> list[dict]:
         out = []
         for f in self._ls(self._p("runs"), ".json"):
@@ -504,6 +518,46 @@ class FeatureTable:
             "lease": None if held is None else {"run_id": held.run_id, "host": held.host,
                                                 "expired": held.expired()},
         }
+
+
+CURRENT = "_current.json"  # at a root of tables: which table lake consumers read (written by `promote`)
+
+
+def promote(root: str, table_uri: str, storage_options: dict | None = None, force: bool = False) -> dict:
+    """Point `root/_current.json` at `table_uri` (one whole-file write: consumers switch at once).
+
+    Refused unless the table's newest run is complete (a reprocessing run that is still resumable is not a
+    table to switch to), unless `force`.
+    """
+    t = FeatureTable(table_uri, storage_options)
+    meta = t.read_meta()
+    if meta is None:
+        raise PipelineError(f"{table_uri} is not a feature table (no _table.json): nothing to promote")
+    last = t.last_run()
+    if not force and (last is None or last.get("status") != "complete"):
+        raise PipelineError(
+            f"{table_uri}: its newest run is {last.get('run_id') + ' ' + last.get('status') if last else 'missing'}, "
+            "not complete: finish (rerun) the reprocessing job first, or pass --force")
+    r = FeatureTable(root, storage_options)
+    previous = r._read_json(r._p(CURRENT))
+    pointer = {"table": t.root, "config_hash": meta.get("config_hash"), "config": meta.get("config"),
+               "model": (meta.get("provenance") or {}).get("model"),
+               "revision": (meta.get("provenance") or {}).get("revision"),
+               "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "last_run": last.get("run_id") if last else None,
+               "previous": previous.get("table") if previous else None}
+    r._write_json(r._p(CURRENT), pointer)
+    return pointer
+
+
+def resolve_table(path: str, storage_options: dict | None = None) -> str:
+    """A table's root as given, or the table that `path/_current.json` points at when `path` is a root of
+    tables (see promote)."""
+    t = FeatureTable(path, storage_options)
+    if t.read_meta() is not None:
+        return t.root
+    pointer = t._read_json(t._p(CURRENT))
+    return pointer["table"] if pointer and pointer.get("table") else t.root
 
 
 def _is_local(fs) -> bool:
