@@ -80,7 +80,8 @@ def table_name(cfg) -> str:
     loaded = load_model(cfg.model, storage_options=cfg.in_options, cache_dir=cfg.model_cache)
     facts = model_facts(cfg, loaded)
     rev = (loaded.revision or "")[:12] or "sha256-" + loaded.content_hash[:12]
-    return re.sub(r"[^A-Za-z0-9._@-]+", "-", f"{facts.spec.name}@{rev}") + f"-{facts.config_hash}"
+    name = facts.spec.name.rstrip("/").rsplit("/", 1)[-1]  # a registry name, or a folder's or prefix's last part
+    return re.sub(r"[^A-Za-z0-9._@-]+", "-", f"{name}@{rev}") + f"-{facts.config_hash}"
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
