@@ -36,8 +36,8 @@ def log_to_stderr(quiet: bool) -> Callable[[str], None]:
 
 
 def report(summary: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary, indent=2, default=str), flush=True)
+    if as_json:  # one line: Ray's worker log lines may share stdout with it (take the last line that parses)
+        print(json.dumps(summary, default=str), flush=True)
     elif summary.get("status") == "noop":
         print(f"tick {summary.get('tick')}: already complete (run {summary.get('done_by')}); nothing to do")
     elif summary.get("run_id"):

@@ -172,7 +172,7 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
 
     t = FeatureTable(args.table, json.loads(args.storage_options) if args.storage_options else None)
-    out = t.vacuum()
+    out = t.compact(wait_s=args.lease_wait)  # under the table's lease: never beside a running run's commits
     print(f"removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
           f"dropped {out['superseded_rows_dropped']} superseded row(s)")
     return 0
@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(r)
     r.set_defaults(fn=cmd_run)
     for name, fn, text in (("inspect", cmd_inspect, "what a table holds"),
-                           ("vacuum", cmd_vacuum, "delete uncommitted files and superseded rows"),
+                           ("vacuum", cmd_vacuum, "delete uncommitted files, superseded and tombstoned rows"),
+                           ("compact", cmd_vacuum, "the same as vacuum (plain Parquet readers then agree)"),
                            ("read", cmd_read, "one layer's committed rows")):
         s = sub.add_parser(name, help=text)
         s.add_argument("table")
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--limit", type=int, default=10, help="rows to print")
         if name == "inspect":
             s.add_argument("--json", action="store_true")
+        if name in ("vacuum", "compact"):
+            s.add_argument("--lease-wait", type=float, default=0.0, help="wait this long for a running run's lease")
         s.set_defaults(fn=fn)
     m = sub.add_parser("models", help="the model registry")
     m.set_defaults(fn=cmd_models)
@@ -253,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (PipelineError, ValueError) as exc:
+        summary = getattr(exc, "summary", None)
+        if summary and getattr(args, "json", False):
+            print(json.dumps(summary, indent=2, default=str))
+        elif summary:
+            print_summary(summary)
         print(f"mert-pipeline: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -639,6 +639,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             f"table), model {facts.spec.name}, layers {list(facts.layers)}")
         if todo:
             ray = connect(cfg, log)
+            signals.install()  # again: starting Ray's core worker puts its own (aborting) SIGTERM handler in place
             placement = place(cfg, ray)
             timings["ray_ready_s"] = round(time.time() - t0, 3)
             facts.provenance["device"] = device_name(ray, placement)
@@ -766,7 +767,8 @@ class _Signals:
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
+                old = signal.signal(sig, self._handle)
+                self._old.setdefault(sig, old)
 
     def uninstall(self) -> None:
         import signal

@@ -102,6 +102,32 @@ def test_vacuum_spares_a_live_run(table):
     assert len(table.vacuum()["removed_files"]) == 1
 
 
+def test_compact_is_a_writer_it_takes_the_lease(table):
+    table.acquire_lease("live", ttl_s=30)
+    try:
+        with pytest.raises(LeaseHeld, match="being written by run live"):
+            FeatureTable(table.root, _opts(table)).compact()
+    finally:
+        table.release_lease()
+    table.write_parquet(f"{table.layer_dir(0)}/dead-00000.parquet", layer_rows("dead", 0, {"c": 2}, 1.0))
+    assert len(FeatureTable(table.root, _opts(table)).compact()["removed_files"]) == 1
+    assert table.read_lease() is None
+
+
+def test_a_tombstone_hides_a_recording_and_vacuum_drops_its_rows(table):
+    table.commit_shard("r1", 0, {0: layer_rows("r1", 0, {"a": 2, "b": 2}, 1.0)},
+                       ledger("r1", 0, {"a": ("fa", "ok"), "b": ("fb", "ok")}, 1), {})
+    table.commit_shard("r2", 0, {}, ledger("r2", 0, {"b": ("fb", "deleted")}, 2), {})
+    assert sorted(set(table.read_layer(0).column("recording_id").to_pylist())) == ["a"]
+    assert table.vacuum()["superseded_rows_dropped"] == 2
+    plain = pads.dataset(table.layer_dir(0), filesystem=table.fs, format="parquet").to_table()
+    assert sorted(set(plain.column("recording_id").to_pylist())) == ["a"]
+    # a tombstoned recording whose input comes back is processed again, even with the same fingerprint
+    todo, skipped = select_work([InputItem("b", "b", "fb", 1), InputItem("a", "a", "fa", 1)],
+                                table.ledger(latest=True), retry_errors=False)
+    assert [i.recording_id for i in todo] == ["b"] and skipped == 1
+
+
 def _opts(table):
     return table.fs.storage_options if hasattr(table.fs, "storage_options") else None
 

@@ -1,0 +1,265 @@
+"""Failures a cluster meets: a real `ray job submit`, a worker node that dies midway, an embed actor killed midway,
+an input that kills its worker process every time, and SIGTERM to the driver.
+
+These tests start and stop their own Ray (a two-node local cluster from ray.cluster_utils, or the local Ray a
+driver subprocess starts), never the shared one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.compute as pc
+import pytest
+
+from pipeline import read_features, read_ledger
+from pipeline.checkpoints import write_random_checkpoint
+from pipeline.synth import music_like, write_audio
+from pipeline.table import FeatureTable
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny-95M", like="MERT-v1-95M", size="tiny")
+
+
+def corpus(folder: Path, n: int, secs: float, extra: dict[str, float] | None = None) -> dict[str, int]:
+    """n FLAC files of `secs` seconds (plus `extra`); returns name -> expected segment count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {f"t{i:02d}.flac": secs for i in range(n)} | (extra or {})
+    for i, (name, s) in enumerate(names.items()):
+        write_audio(folder / name, music_like(s, 44100, channels=2, seed=i), 44100, "flac")
+    return {name: int(s // 5) + (1 if s % 5 >= 1.0 else 0) for name, s in names.items()}
+
+
+def env(**extra: str) -> dict:
+    """A driver's environment: this venv first on PATH (`python` in an entrypoint is ours), no inherited Ray."""
+    e = dict(os.environ)
+    e.pop("RAY_ADDRESS", None)
+    e.pop("MERT_PIPELINE_FAULT_INJECTION", None)
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    e["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    e.update(extra)
+    return e
+
+
+def extract_cmd(audio: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.extract", str(audio), str(out), "--model", str(model), "--batch-size", "4",
+            "--shard-max-recordings", "1", "--json", "--quiet", *extra]
+
+
+def summary_of(stdout: bytes | str) -> dict:
+    """The --json summary: the last line of stdout that is a JSON object (Ray's log lines share stdout)."""
+    text = stdout.decode() if isinstance(stdout, bytes) else stdout
+    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    assert lines, f"no JSON summary in: {text[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def committed(out: Path) -> int:
+    folder = out / "recordings"
+    return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
+
+
+def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the driver exited ({proc.returncode}) before {what}: "
+                                 f"{proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def check_table(out: Path, expected: dict[str, int], layers=(0, 2)) -> None:
+    """Every input has exactly one ledger row, ok; every layer has exactly its segments, none twice."""
+    ledger = read_ledger(str(out), latest=False)
+    names = sorted(Path(u).name for u in ledger.column("uri").to_pylist())
+    assert names == sorted(expected), "an input is missing or has two ledger rows"
+    assert set(ledger.column("status").to_pylist()) == {"ok"}
+    for layer in layers:
+        t = read_features(str(out), layer)
+        keys = list(zip(t.column("recording_id").to_pylist(), t.column("segment").to_pylist(), strict=True))
+        assert len(keys) == len(set(keys)), "duplicate (recording, segment) rows"
+        per: dict[str, list[int]] = {}
+        for rid, seg in keys:
+            per.setdefault(Path(rid).name, []).append(seg)
+        assert {k: sorted(v) for k, v in per.items()} == {k: list(range(n)) for k, n in expected.items()}
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A head (with the dashboard's job server) and one worker node: separate raylets, one machine."""
+    from ray.cluster_utils import Cluster
+
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + old_path  # the job driver's `python`
+    port = _free_port()
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": port})
+    worker = cluster.add_node(num_cpus=2)
+    try:
+        yield cluster, worker, f"http://127.0.0.1:{port}"
+    finally:
+        cluster.shutdown()
+        os.environ["PATH"] = old_path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def submit(dashboard: str, entrypoint: list[str], *extra: str) -> subprocess.CompletedProcess:
+    """The README's command: ray job submit --working-dir . -- python -m jobs.extract ..."""
+    return subprocess.run(["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", *extra, "--",
+                           *entrypoint], cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
+
+
+def test_ray_job_submit_runs_a_job_and_survives_a_worker_node_dying_midway(two_node_cluster, model_dir, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    cluster, worker, dashboard = two_node_cluster
+    # 1. the README's submit command, as written, runs a real job to completion
+    small = tmp_path / "small"
+    expected_small = corpus(small, 2, 6.0)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"input: {small}\noutput: {tmp_path / 'small-table'}\nmodel: {model_dir}\nbatch_size: 4\n"
+                      "cpus_per_actor: 1\n")
+    done = submit(dashboard, ["python", "-m", "jobs.extract", "--config", str(config)])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout + done.stderr and "run " in done.stdout
+    check_table(tmp_path / "small-table", expected_small)
+
+    # 2. a longer job; its worker node dies once some shards are committed
+    audio, out = tmp_path / "audio", tmp_path / "table"
+    expected = corpus(audio, 12, 11.0)
+    client = JobSubmissionClient(dashboard)
+    job = client.submit_job(
+        entrypoint=" ".join(["python", "-m", "jobs.extract", str(audio), str(out), "--model", str(model_dir),
+                             "--batch-size", "4", "--shard-max-recordings", "1", "--cpus-per-actor", "1",
+                             "--quiet"]),
+        runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}},
+    )
+    wait_for(lambda: committed(out) >= 2 or client.get_job_status(job).is_terminal(), 300, "two commits")
+    at_kill = committed(out)
+    cluster.remove_node(worker)  # its raylet, its workers, its objects: gone
+    deadline = time.time() + 400
+    while not client.get_job_status(job).is_terminal() and time.time() < deadline:
+        time.sleep(0.5)
+    status, logs = client.get_job_status(job), client.get_job_logs(job)
+    if os.environ.get("MERT_TEST_SHOW_LOGS"):
+        print(logs)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert at_kill < len(expected), "the node must die midway"
+    summary = json.loads(next((out / "runs").iterdir()).read_text())
+    assert summary["status"] == "complete" and summary["counts"]["ok"] == len(expected)
+    check_table(out, expected)
+
+
+def test_embed_actor_killed_midway_is_replaced_and_the_run_completes(model_dir, tmp_path):
+    audio, out = tmp_path / "audio", tmp_path / "table"
+    expected = corpus(audio, 10, 11.0)
+    proc = subprocess.Popen(extract_cmd(audio, out, model_dir, "--decode-workers", "1"), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for(lambda: committed(out) >= 2, 300, "two commits", proc)
+
+        def embed_actors() -> list[psutil.Process]:
+            found = []
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "MapWorker" in " ".join(p.cmdline()) and "EmbedStage" in " ".join(p.cmdline()):
+                        found.append(p)
+                except psutil.Error:
+                    pass
+            return found
+
+        victims = embed_actors()
+        assert len(victims) == 1, [" ".join(p.cmdline()) for p in victims]
+        at_kill = committed(out)
+        victims[0].kill()  # SIGKILL: like the OOM killer or a crashed CUDA context
+        out_text, err_text = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err_text.decode()[-4000:]
+    summary = summary_of(out_text)
+    assert summary["status"] == "complete" and summary["counts"]["ok"] == len(expected)
+    assert at_kill < len(expected)
+    check_table(out, expected)
+
+
+def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(model_dir, tmp_path):
+    audio, out = tmp_path / "audio", tmp_path / "table"
+    corpus(audio, 3, 6.0, extra={"x__kill_worker__.flac": 6.0})
+    done = subprocess.run(extract_cmd(audio, out, model_dir),
+                          env=env(MERT_PIPELINE_FAULT_INJECTION="worker_crash:__kill_worker__"),
+                          capture_output=True, timeout=400)
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+    summary = summary_of(done.stdout)
+    assert summary["status"] == "complete"
+    assert (summary["counts"]["ok"], summary["counts"]["error"]) == (3, 1)
+    assert summary["counts"]["errors_by_kind"] == {"worker_crash": 1}
+    ledger = read_ledger(str(out), latest=False)
+    assert ledger.num_rows == 4
+    bad = ledger.filter(pc.match_substring(ledger.column("uri"), "__kill_worker__")).to_pylist()[0]
+    assert bad["status"] == "error" and bad["error_kind"] == "worker_crash" and not bad["retryable"]
+    assert "died 2 times" in bad["error_message"] and "x__kill_worker__.flac" in bad["error_message"]
+    # a rerun does not try it again (a permanent error) ...
+    again = subprocess.run(extract_cmd(audio, out, model_dir),
+                           env=env(MERT_PIPELINE_FAULT_INJECTION="worker_crash:__kill_worker__"),
+                           capture_output=True, timeout=400)
+    assert again.returncode == 0 and summary_of(again.stdout)["counts"]["skipped"] == 4
+
+
+def test_sigterm_stops_the_driver_at_a_commit_boundary_and_a_rerun_resumes(model_dir, tmp_path):
+    audio, out = tmp_path / "audio", tmp_path / "table"
+    expected = corpus(audio, 12, 11.0)
+    proc = subprocess.Popen(extract_cmd(audio, out, model_dir, "--decode-workers", "1"), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for(lambda: committed(out) >= 2, 300, "two commits", proc)
+        t = time.time()
+        proc.send_signal(signal.SIGTERM)  # the driver only, as `ray job stop` or a pod eviction does
+        out_text, err_text = proc.communicate(timeout=120)
+        stop_s = time.time() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err_text.decode()[-4000:]
+    assert stop_s < 60
+    summary = summary_of(out_text)
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["stop_reason"]
+    record = json.loads((out / "runs" / f"{summary['run_id']}.json").read_text())
+    assert record["status"] == "interrupted"
+    assert not (out / "_lease.json").exists()  # given back: the next run need not wait for it to expire
+    # nothing half-written: every data file belongs to a committed shard, nothing for clean-up to remove
+    table = FeatureTable(str(out))
+    assert table.vacuum()["removed_files"] == []
+    first = read_ledger(str(out), latest=False)
+    n_first = first.num_rows
+    assert 2 <= n_first < len(expected)
+    assert n_first == summary["counts"]["processed"]  # what it reported is what it committed
+    part = {Path(u).name: expected[Path(u).name] for u in first.column("uri").to_pylist()}
+    check_table(out, part)  # the reader accepts the interrupted table
+
+    done = subprocess.run(extract_cmd(audio, out, model_dir), env=env(), capture_output=True, timeout=400)
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+    second = summary_of(done.stdout)
+    assert second["counts"]["skipped"] == n_first and second["counts"]["processed"] == len(expected) - n_first
+    check_table(out, expected)  # nothing lost, nothing twice
