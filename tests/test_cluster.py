@@ -130,7 +130,7 @@ def submit(dashboard: str, entrypoint: list[str], *extra: str) -> subprocess.Com
                            *entrypoint], cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
 
 
-def test_ray_job_submit_runs_a_job_and_survives_a_worker_node_dying_midway(two_node_cluster, model_dir, tmp_path):
+def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_cluster, model_dir, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     cluster, worker, dashboard = two_node_cluster
@@ -169,6 +169,27 @@ def test_ray_job_submit_runs_a_job_and_survives_a_worker_node_dying_midway(two_n
     summary = json.loads(next((out / "runs").iterdir()).read_text())
     assert summary["status"] == "complete" and summary["counts"]["ok"] == len(expected)
     check_table(out, expected)
+
+    # 3. `ray job stop` (SIGTERM to the driver): the run ends at a commit boundary; resubmitting resumes it
+    out2 = tmp_path / "table2"
+    entry = " ".join(["python", "-m", "jobs.extract", str(audio), str(out2), "--model", str(model_dir),
+                      "--batch-size", "4", "--shard-max-recordings", "1", "--cpus-per-actor", "1", "--quiet"])
+    runtime_env = {"working_dir": str(REPO),
+                   "env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
+    job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    wait_for(lambda: committed(out2) >= 2 or client.get_job_status(job).is_terminal(), 300, "two commits")
+    client.stop_job(job)
+    while not client.get_job_status(job).is_terminal():
+        time.sleep(0.2)
+    assert client.get_job_status(job) == JobStatus.STOPPED
+    record = json.loads(next((out2 / "runs").iterdir()).read_text())
+    assert record["status"] == "interrupted", client.get_job_logs(job)[-3000:]
+    assert not (out2 / "_lease.json").exists()
+    job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    while not client.get_job_status(job).is_terminal():
+        time.sleep(0.5)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    check_table(out2, expected)
 
 
 def test_embed_actor_killed_midway_is_replaced_and_the_run_completes(model_dir, tmp_path):
