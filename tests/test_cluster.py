@@ -126,7 +126,8 @@ def _free_port() -> int:
 
 def submit(dashboard: str, entrypoint: list[str], *extra: str) -> subprocess.CompletedProcess:
     """The README's command: ray job submit --working-dir . -- python -m jobs.extract ..."""
-    return subprocess.run(["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", *extra, "--",
+    return subprocess.run(["ray", "job", "submit", "--address", dashboard, "--working-dir", ".",
+                           "--runtime-env-json", '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}', *extra, "--",
                            *entrypoint], cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
 
 
