@@ -12,6 +12,7 @@ tick       One incremental run per schedule tick. The prefix is listed and diffe
            table does nothing. Ticks that overlap in time are kept apart by the table's lease, and a run that waited
            for the lease reads the ledger only once it holds it, so no input is processed twice.
            --mirror-deletions tombstones recordings whose input is gone; --compact rewrites the files afterwards.
+           OUTPUT may be a root of tables with a _current.json (see promote): the tick writes the current table.
 reprocess  The whole catalog into a new table for this model, revision and configuration, beside the old one:
            ROOT/<model>@<revision or content hash>-<configuration hash>. Resumable like any run (rerun it).
 promote    Point ROOT/_current.json at a table whose newest run is complete: consumers that read ROOT through
@@ -36,6 +37,7 @@ from datetime import datetime, timezone
 from jobs.extract import EXIT_FAILED, EXIT_OK, EXIT_USAGE, execute, log_to_stderr
 from pipeline.cli import add_run_arguments, config_from_args
 from pipeline.errors import PipelineError
+from pipeline.table import resolve_table
 
 _PERIOD = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -92,7 +94,8 @@ def cmd_tick(args: argparse.Namespace) -> int:
         start = floor_tick(parse_tick(args.tick), period_s)
         cfg = config_from_args(args)
         cfg = dataclasses.replace(
-            cfg, tick=tick_label(start, args.period),
+            cfg, output=resolve_table(cfg.output, cfg.out_options),  # a root of tables: its current table
+            tick=tick_label(start, args.period),
             run_id=cfg.run_id or f"tick-{start.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}")
         summary = run(cfg, log=log_to_stderr(not cfg.progress))
         if args.compact and summary.get("status") == "complete":

@@ -170,8 +170,13 @@ def load_yaml(path: str) -> dict:
     """Read a YAML run config: a mapping whose keys are RunConfig fields."""
     import yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc}); give the path of a YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run config must be a YAML mapping of option: value")
     known = {f.name for f in fields(RunConfig)}

@@ -102,6 +102,11 @@ def test_extract_takes_the_run_options_and_maps_outcomes_to_exit_codes(model_dir
     assert "does not exist" in capsys.readouterr().err
     assert extract.main(["--config", str(yaml_file), "--window", "-1", "--quiet"]) == extract.EXIT_USAGE
     assert "window_s=-1" in capsys.readouterr().err
+    assert extract.main(["--config", str(tmp_path / "missing.yaml")]) == extract.EXIT_USAGE
+    assert "missing.yaml: cannot read it" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("input: [unclosed\n")
+    assert extract.main(["--config", str(tmp_path / "broken.yaml")]) == extract.EXIT_USAGE
+    assert "not valid YAML" in capsys.readouterr().err
     # the error-rate limit stops a run after committing what finished: that is a committed run, exit 0
     (audio / "junk1.mp3").write_bytes(b"\x00" * 3000)
     (audio / "junk2.mp3").write_bytes(b"\x01" * 3000)
@@ -279,6 +284,15 @@ def test_reprocess_writes_a_new_table_beside_the_old_and_promote_switches_reader
     assert after.num_rows == 3 and not after.column("embedding").equals(before.column("embedding"))
     assert read_features(str(old_table), 2).equals(before)  # the old table is untouched, beside the new one
     assert sorted(p.name for p in root.iterdir()) == sorted(["_current.json", old_table.name, new_table.name])
+
+    # a tick whose output is the root writes into the current table (after a promote: the new one)
+    assert "_current.json -> " in capsys.readouterr().out
+    add_files(audio, {"c.wav": 3.0}, seed=5)
+    assert scheduled.main(["tick", str(audio), str(root), "--model", str(other), "--batch-size", "4", "--quiet",
+                           "--json", "--tick", "2026-11-25T06:00:00Z"]) == 0
+    s3 = json.loads(capsys.readouterr().out)
+    assert s3["config"]["output"] == str(new_table) and s3["counts"]["processed"] == 1
+    assert read_features(str(root), 2).num_rows == 4
 
     # a table is never mixed: the old table refuses a run with the other checkpoint
     assert extract.main([str(audio), str(old_table), "--model", str(other), "--quiet"]) == 1
