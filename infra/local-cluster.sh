@@ -137,10 +137,17 @@ ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR", log_to_drive
 print(sum(1 for x in ray.nodes() if x["Alive"]))
 EOF
 )"
-    [[ "$n" == "$want" ]] && { log "$n Ray node(s) alive"; return 0; }
+    [[ "$n" == "$want" ]] && break
     sleep 1
   done
-  log "warning: $n of $want Ray node(s) alive after 60 s (see $STATE/logs)"
+  if [[ "$n" != "$want" ]]; then
+    log "warning: $n of $want Ray node(s) alive after 60 s (see $STATE/logs)"
+    return 0
+  fi
+  log "$n Ray node(s) alive"
+  # the job server takes a few more seconds to accept jobs (its agent registers late on a busy machine)
+  ( cluster_env; "$PY" "$HELPER" wait-jobs --dashboard "http://127.0.0.1:$DASH_PORT" --timeout 90 ) \
+    && log "the job server accepts jobs" || log "warning: the job server accepts no job yet (see $STATE/logs)"
 }
 
 next_steps() {

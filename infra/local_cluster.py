@@ -52,6 +52,25 @@ def wait_s3(endpoint: str, timeout: float) -> None:
             time.sleep(0.3)
 
 
+def wait_jobs(dashboard: str, timeout: float) -> None:
+    """Until the job server accepts a job. Right after start the head's dashboard agent may not be registered
+    yet, and a submission fails with "No available agent to submit job": a no-op job shows when it is."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = JobSubmissionClient(dashboard)
+            job = client.submit_job(entrypoint="true", submission_id=f"local-cluster-ready-{secrets.token_hex(4)}")
+            while not client.get_job_status(job).is_terminal():
+                time.sleep(0.2)
+            return
+        except Exception as exc:  # noqa: BLE001 - not ready yet
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the job server at {dashboard} accepted no job within {timeout:.0f} s: {exc}") from None
+            time.sleep(1.0)
+
+
 def seed(endpoint: str, state: Path, files: int) -> None:
     """Buckets (boto3: s3fs.mkdir sends a location constraint moto refuses), a tiny random-weight MERT-v1-95M
     checkpoint in hub layout at s3://models/..., generated audio at s3://audio/..., and $STATE/run.yaml."""
@@ -213,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("wait-s3")
     w.add_argument("--endpoint", required=True)
     w.add_argument("--timeout", type=float, default=30.0)
+    wj = sub.add_parser("wait-jobs")
+    wj.add_argument("--dashboard", required=True)
+    wj.add_argument("--timeout", type=float, default=60.0)
     s = sub.add_parser("seed")
     s.add_argument("--endpoint", required=True)
     s.add_argument("--state", required=True, type=Path)
@@ -228,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "wait-s3":
         wait_s3(a.endpoint, a.timeout)
+        return 0
+    if a.cmd == "wait-jobs":
+        wait_jobs(a.dashboard, a.timeout)
         return 0
     if a.cmd == "seed":
         seed(a.endpoint, a.state.resolve(), a.files)

@@ -25,6 +25,7 @@ RUN_OPTIONS: list[tuple[str, str, object, str]] = [
     ("--storage-dtype", "storage_dtype", str, "float32 | float16 (default float32)"),
     ("--batch-size", "batch_size", int, "segments per model call (default 8)"),
     ("--num-gpus", "num_gpus", int, "GPUs to use, one actor each (default: all; 0 = CPU actors)"),
+    ("--gpu-wait", "gpu_wait_s", float, "wait this long for --num-gpus GPUs to join the cluster (default 0)"),
     ("--num-actors", "num_actors", int, "CPU embed actors when there is no GPU (default 1)"),
     ("--cpus-per-actor", "cpus_per_actor", float, "cores per CPU actor (default: all but one)"),
     ("--decode-workers", "decode_workers", int, "concurrent decode tasks (default: as the cluster allows)"),
@@ -256,13 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (PipelineError, ValueError) as exc:
+        from pipeline.errors import RunInterrupted
+
         summary = getattr(exc, "summary", None)
         if summary and getattr(args, "json", False):
             print(json.dumps(summary, indent=2, default=str))
         elif summary:
             print_summary(summary)
         print(f"mert-pipeline: error: {exc}", file=sys.stderr)
-        return 2
+        return 143 if isinstance(exc, RunInterrupted) else 2
     except KeyboardInterrupt:
         print("mert-pipeline: interrupted", file=sys.stderr)
         return 130

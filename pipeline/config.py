@@ -57,6 +57,7 @@ class RunConfig:
     storage_dtype: str = "float32"  # float32 | float16
     batch_size: int = 8  # segments per model call (equal-length only)
     num_gpus: int | None = None  # GPUs to use (one actor each); None = all the cluster has; 0 = CPU actors
+    gpu_wait_s: float = 0.0  # wait this long for num_gpus GPUs to join (pods starting, an autoscaler)
     num_actors: int | None = None  # embed actors when running on CPU; None = 1
     cpus_per_actor: float | None = None  # CPU actors: cores reserved (and torch threads); None = auto
     decode_workers: int | None = None  # concurrent decode tasks; None = auto
@@ -122,6 +123,8 @@ class RunConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise bad(name, "must be a positive number")
+        if not (isinstance(self.gpu_wait_s, (int, float)) and self.gpu_wait_s >= 0):
+            raise bad("gpu_wait_s", "must be >= 0 seconds")
         if not (isinstance(self.max_delete_fraction, (int, float)) and 0 < self.max_delete_fraction <= 1):
             raise bad("max_delete_fraction", "must be a fraction in (0, 1]")
         if not (isinstance(self.lease_wait_s, (int, float)) and self.lease_wait_s >= 0):

@@ -314,12 +314,18 @@ class Placement:
     decode_workers: int | None
 
 
-def place(cfg: RunConfig, ray) -> Placement:
+def place(cfg: RunConfig, ray, log: Log = _stderr) -> Placement:
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
     want = gpus if cfg.num_gpus is None else cfg.num_gpus
+    if want > gpus and cfg.gpu_wait_s > 0:
+        gpus = wait_for_gpus(ray, want, gpus, cfg.gpu_wait_s, log)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
     if want > gpus:
-        raise PipelineError(f"num_gpus={want}, but the cluster has {gpus} GPU(s)")
+        raise PipelineError(
+            f"num_gpus={want}, but the cluster has {gpus} GPU(s)"
+            + (f" after waiting {cfg.gpu_wait_s:.0f} s" if cfg.gpu_wait_s > 0 else "")
+            + ": lower num_gpus, or give GPU nodes time to join with --gpu-wait SECONDS")
     if want > 0:
         return Placement("cuda", want, 1.0, 1.0, 1, cfg.decode_workers)
     if cfg.compute_dtype != "float32":
@@ -336,6 +342,28 @@ def place(cfg: RunConfig, ray) -> Placement:
     # unset), every core the actors split: decoding costs a few percent of what the model does on a CPU.
     threads = int(per) if cfg.cpus_per_actor else max(1, cpus // actors)
     return Placement("cpu", actors, 0.0, per, threads, cfg.decode_workers)
+
+
+def wait_for_gpus(ray, want: int, have: int, wait_s: float, log: Log) -> int:
+    """GPU pods that are still starting, or an autoscaler that adds GPU nodes on demand: ask the autoscaler for
+    `want` GPU bundles (a no-op without one) and wait until the cluster offers them, or wait_s passes."""
+    log(f"[mert] waiting up to {wait_s:.0f} s for {want} GPU(s); the cluster has {have} now")
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1}] * want)
+    except Exception:  # noqa: BLE001 - without an autoscaler, nodes may still join by themselves
+        request_resources = None
+    deadline = time.monotonic() + wait_s
+    while have < want and time.monotonic() < deadline:
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        have = int(ray.cluster_resources().get("GPU", 0))
+    if request_resources is not None:
+        try:
+            request_resources(bundles=[])  # the actors' own demand keeps the nodes from here on
+        except Exception:  # noqa: BLE001
+            pass
+    return have
 
 
 def device_name(ray, placement: Placement) -> str:
@@ -640,7 +668,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
         if todo:
             ray = connect(cfg, log)
             signals.install()  # again: starting Ray's core worker puts its own (aborting) SIGTERM handler in place
-            placement = place(cfg, ray)
+            placement = place(cfg, ray, log)
             timings["ray_ready_s"] = round(time.time() - t0, 3)
             facts.provenance["device"] = device_name(ray, placement)
             writer.metadata["mert.device"] = facts.provenance["device"]

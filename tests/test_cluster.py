@@ -124,11 +124,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+NOT_READY = "No available agent to submit job"  # the head's agent registers seconds after the node is up
+
+
 def submit(dashboard: str, entrypoint: list[str], *extra: str) -> subprocess.CompletedProcess:
     """The README's command: ray job submit --working-dir . -- python -m jobs.extract ..."""
-    return subprocess.run(["ray", "job", "submit", "--address", dashboard, "--working-dir", ".",
-                           "--runtime-env-json", '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}', *extra, "--",
-                           *entrypoint], cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
+    deadline = time.time() + 90
+    while True:
+        done = subprocess.run(["ray", "job", "submit", "--address", dashboard, "--working-dir", ".",
+                               "--runtime-env-json", '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}', *extra,
+                               "--", *entrypoint], cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
+        if done.returncode == 0 or NOT_READY not in done.stderr + done.stdout or time.time() > deadline:
+            return done
+        time.sleep(1)
+
+
+def submit_job(client, **kwargs) -> str:
+    deadline = time.time() + 90
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as exc:
+            if NOT_READY not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_cluster, model_dir, tmp_path):
@@ -150,7 +169,7 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
     audio, out = tmp_path / "audio", tmp_path / "table"
     expected = corpus(audio, 12, 11.0)
     client = JobSubmissionClient(dashboard)
-    job = client.submit_job(
+    job = submit_job(client,
         entrypoint=" ".join(["python", "-m", "jobs.extract", str(audio), str(out), "--model", str(model_dir),
                              "--batch-size", "4", "--shard-max-recordings", "1", "--cpus-per-actor", "1",
                              "--quiet"]),
@@ -177,7 +196,7 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
                       "--batch-size", "4", "--shard-max-recordings", "1", "--cpus-per-actor", "1", "--quiet"])
     runtime_env = {"working_dir": str(REPO),
                    "env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
-    job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    job = submit_job(client, entrypoint=entry, runtime_env=runtime_env)
     wait_for(lambda: committed(out2) >= 2 or client.get_job_status(job).is_terminal(), 300, "two commits")
     client.stop_job(job)
     while not client.get_job_status(job).is_terminal():
@@ -186,7 +205,7 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
     record = json.loads(next((out2 / "runs").iterdir()).read_text())
     assert record["status"] == "interrupted", client.get_job_logs(job)[-3000:]
     assert not (out2 / "_lease.json").exists()
-    job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    job = submit_job(client, entrypoint=entry, runtime_env=runtime_env)
     while not client.get_job_status(job).is_terminal():
         time.sleep(0.5)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]

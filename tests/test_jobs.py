@@ -318,3 +318,32 @@ def test_promote_refuses_a_table_whose_last_run_did_not_complete(model_dir, tmp_
         promote(str(tmp_path / "lake"), str(table))
     assert promote(str(tmp_path / "lake"), str(table), force=True)["table"] == str(table)
     assert os.path.exists(tmp_path / "lake" / "_current.json")
+
+
+# ---- GPUs that join late ----------------------------------------------------------------------------------------
+class _GrowingCluster:
+    """Stands in for `ray` in place(): its GPUs join after a few polls (pods still starting)."""
+
+    def __init__(self, gpus_after: int | None):
+        self.polls, self.gpus_after = 0, gpus_after
+
+    def cluster_resources(self) -> dict:
+        self.polls += 1
+        ready = self.gpus_after is not None and self.polls > self.gpus_after
+        return {"CPU": 8.0, "GPU": 2.0 if ready else 0.0}
+
+
+def test_place_waits_for_gpus_to_join_then_fails_clearly():
+    from pipeline.engine import place
+
+    lines: list[str] = []
+    c = RunConfig(input="x", output="y", num_gpus=2, gpu_wait_s=30)
+    p = place(c, _GrowingCluster(gpus_after=2), lines.append)
+    assert (p.device, p.actors, p.num_gpus) == ("cuda", 2, 1.0)
+    assert "waiting up to 30 s for 2 GPU(s)" in lines[0]
+    t = time.time()
+    with pytest.raises(Exception, match=r"num_gpus=2, but the cluster has 0 GPU\(s\) after waiting 1 s"):
+        place(RunConfig(input="x", output="y", num_gpus=2, gpu_wait_s=1), _GrowingCluster(None), lines.append)
+    assert time.time() - t < 10
+    with pytest.raises(Exception, match="--gpu-wait"):  # no wait asked: at once
+        place(RunConfig(input="x", output="y", num_gpus=1), _GrowingCluster(None), lines.append)
