@@ -176,6 +176,16 @@ def procs(state: Path) -> int:
     return 0
 
 
+def _signal_all(ps: list, how: str) -> None:
+    import psutil
+
+    for p in ps:
+        try:
+            getattr(p, how)()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def stop(state: Path, grace: float) -> int:
     import psutil
 
@@ -184,24 +194,12 @@ def stop(state: Path, grace: float) -> int:
         _log("no process of this local cluster is running")
         return 0
     _log(f"stopping {len(ps)} process(es) by pid (SIGTERM, then SIGKILL after {grace:.0f} s)")
-    for p in ps:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
+    _signal_all(ps, "terminate")
     _, alive = psutil.wait_procs(ps, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal_all(alive, "kill")
     psutil.wait_procs(alive, timeout=5)
     left = our_processes(state)  # workers that a dying raylet started in the meantime
-    for p in left:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal_all(left, "kill")
     psutil.wait_procs(left, timeout=5)
     left = our_processes(state)
     if left:

@@ -7,6 +7,7 @@ driver subprocess starts), never the shared one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,6 +83,20 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def driver_midway(audio: Path, out: Path, model: Path):
+    """A `python -m jobs.extract` driver (with its own local Ray), yielded once it has committed two shards;
+    killed with its whole process group if the test leaves it running."""
+    proc = subprocess.Popen(extract_cmd(audio, out, model, "--decode-workers", "1"), env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for(lambda: committed(out) >= 2, 300, "two commits", proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def check_table(out: Path, expected: dict[str, int], layers=(0, 2)) -> None:
     """Every input has exactly one ledger row, ok; every layer has exactly its segments, none twice."""
     ledger = read_ledger(str(out), latest=False)
@@ -106,9 +121,12 @@ def two_node_cluster():
     old_path = os.environ["PATH"]
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + old_path  # the job driver's `python`
     port = _free_port()
+    # Each node's dashboard agent gets a port of its own: the default one (52365) may be taken by another Ray on
+    # this machine (the shared test Ray), and a head without its agent accepts no job ("No available agent").
     cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": port})
-    worker = cluster.add_node(num_cpus=2)
+                      head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": port,
+                                      "dashboard_agent_listen_port": _free_port()})
+    worker = cluster.add_node(num_cpus=2, dashboard_agent_listen_port=_free_port())
     try:
         yield cluster, worker, f"http://127.0.0.1:{port}"
     finally:
@@ -215,10 +233,7 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
 def test_embed_actor_killed_midway_is_replaced_and_the_run_completes(model_dir, tmp_path):
     audio, out = tmp_path / "audio", tmp_path / "table"
     expected = corpus(audio, 10, 11.0)
-    proc = subprocess.Popen(extract_cmd(audio, out, model_dir, "--decode-workers", "1"), env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        wait_for(lambda: committed(out) >= 2, 300, "two commits", proc)
+    with driver_midway(audio, out, model_dir) as proc:
 
         def embed_actors() -> list[psutil.Process]:
             found = []
@@ -235,9 +250,6 @@ def test_embed_actor_killed_midway_is_replaced_and_the_run_completes(model_dir, 
         at_kill = committed(out)
         victims[0].kill()  # SIGKILL: like the OOM killer or a crashed CUDA context
         out_text, err_text = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err_text.decode()[-4000:]
     summary = summary_of(out_text)
     assert summary["status"] == "complete" and summary["counts"]["ok"] == len(expected)
@@ -271,17 +283,11 @@ def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(model_di
 def test_sigterm_stops_the_driver_at_a_commit_boundary_and_a_rerun_resumes(model_dir, tmp_path):
     audio, out = tmp_path / "audio", tmp_path / "table"
     expected = corpus(audio, 12, 11.0)
-    proc = subprocess.Popen(extract_cmd(audio, out, model_dir, "--decode-workers", "1"), env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        wait_for(lambda: committed(out) >= 2, 300, "two commits", proc)
+    with driver_midway(audio, out, model_dir) as proc:
         t = time.time()
         proc.send_signal(signal.SIGTERM)  # the driver only, as `ray job stop` or a pod eviction does
         out_text, err_text = proc.communicate(timeout=120)
         stop_s = time.time() - t
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, err_text.decode()[-4000:]
     assert stop_s < 60
     summary = summary_of(out_text)
