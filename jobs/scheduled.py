@@ -18,7 +18,8 @@ reprocess  The whole catalog into a new table for this model, revision and confi
 promote    Point ROOT/_current.json at a table whose newest run is complete: consumers that read ROOT through
            pipeline.read_features(ROOT, layer), or that read _current.json themselves, switch at once.
 compact    Under the table's lease, drop from the files the rows that readers already hide (superseded by a changed
-           input, tombstoned, or never committed), so that plain Parquet readers see only the newest rows too.
+           input, tombstoned, or never committed), so that plain Parquet readers see only the newest rows too, and
+           merge small shards (frequent small ticks write one small file per layer each) into files of ~64 MB.
 
 Exit codes are those of jobs.extract (0 committed, 1 could not commit, 2 usage, 75 lease held, 143 SIGTERM).
 """
@@ -150,7 +151,8 @@ def _compact(table: str, options: dict | None, ttl_s: float, wait_s: float) -> d
     t0 = time.time()
     out = FeatureTable(table, options).compact(ttl_s=ttl_s, wait_s=wait_s)
     print(f"compact {table}: removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
-          f"dropped {out['superseded_rows_dropped']} hidden row(s) in {time.time() - t0:.1f} s", file=sys.stderr)
+          f"dropped {out['superseded_rows_dropped']} hidden row(s), merged {out['merged_shards']} small shard(s) "
+          f"into {out['merged_into']} in {time.time() - t0:.1f} s", file=sys.stderr)
     return out
 
 

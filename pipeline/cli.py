@@ -173,9 +173,12 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
 
     t = FeatureTable(args.table, json.loads(args.storage_options) if args.storage_options else None)
-    out = t.compact(wait_s=args.lease_wait)  # under the table's lease: never beside a running run's commits
+    # under the table's lease: never beside a running run's commits
+    out = t.compact(wait_s=args.lease_wait, merge=args.command == "compact")
     print(f"removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
-          f"dropped {out['superseded_rows_dropped']} superseded row(s)")
+          f"dropped {out['superseded_rows_dropped']} superseded row(s)"
+          + (f", merged {out['merged_shards']} small shard(s) into {out['merged_into']}" if out["merged_shards"]
+             else ""))
     return 0
 
 
@@ -229,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     for name, fn, text in (("inspect", cmd_inspect, "what a table holds"),
                            ("vacuum", cmd_vacuum, "delete uncommitted files, superseded and tombstoned rows"),
-                           ("compact", cmd_vacuum, "the same as vacuum (plain Parquet readers then agree)"),
+                           ("compact", cmd_vacuum, "vacuum, then merge small shards into larger files"),
                            ("read", cmd_read, "one layer's committed rows")):
         s = sub.add_parser(name, help=text)
         s.add_argument("table")

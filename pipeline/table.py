@@ -465,15 +465,95 @@ class FeatureTable:
         self._invalidate()
         return {"removed_files": removed, "rewritten_files": rewritten, "superseded_rows_dropped": rows_dropped}
 
-    def compact(self, ttl_s: float = 120.0, wait_s: float = 0.0) -> dict:
-        """vacuum under the table's lease: after it, plain Parquet readers see exactly what the reader sees
-        (superseded rows of changed inputs and rows of tombstoned ones are gone from the files)."""
+    def compact(self, ttl_s: float = 120.0, wait_s: float = 0.0, merge: bool = True,
+                target_bytes: int = ROW_GROUP_BYTES) -> dict:
+        """Under the table's lease: vacuum, then (merge=True) merge small shards into larger ones, then vacuum
+        again. After it, plain Parquet readers see exactly what the reader sees (superseded rows of changed inputs
+        and rows of tombstoned ones are gone from the files), in fewer, larger files."""
         run_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.acquire_lease(run_id, ttl_s, wait_s)
         try:
-            return self.vacuum(live_runs={run_id})
+            out = self.vacuum(live_runs={run_id})
+            merged = self.merge_small_shards(run_id, target_bytes) if merge else {"merged_shards": 0}
+            out["merged_shards"], out["merged_into"] = merged["merged_shards"], merged.get("new_shards", 0)
+            if merged["merged_shards"]:
+                again = self.vacuum(live_runs={run_id})
+                out["removed_files"] += again["removed_files"]
+                out["rewritten_files"] += again["rewritten_files"]
+                self.write_run(run_id, {"run_id": run_id, "kind": "compact", "status": "complete",
+                                        "started_at": started, "finished_at": time.strftime(
+                                            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "counts": {"merged_shards": merged["merged_shards"],
+                                                   "new_shards": merged["new_shards"],
+                                                   "recordings_moved": merged["recordings_moved"]}})
+            return out
         finally:
             self.release_lease()
+
+    def merge_small_shards(self, run_id: str, target_bytes: int = ROW_GROUP_BYTES) -> dict:
+        """Rewrite the current rows of small shards (every layer file under target_bytes / 2) into new shards of
+        about target_bytes per layer file, committed like any shard: data files, then a ledger file that repeats
+        the moved recordings' newest ledger rows (same fingerprint and status) under the new shard. That commit
+        supersedes the small shards, so readers switch at once and a crash midway leaves only orphans for vacuum.
+        The caller holds the lease, and vacuums afterwards to delete the superseded files."""
+        self._invalidate()
+        winners = self._winners()
+        layers = self.layers()
+        sizes: dict[str, int] = {}
+        for layer in layers:
+            for f in self._ls(self.layer_dir(layer), ".parquet"):
+                name = f.rsplit("/", 1)[-1][: -len(".parquet")]
+                if name in winners:
+                    sizes[name] = max(sizes.get(name, 0), int(self.fs.size(f)))
+        small = sorted(n for n, b in sizes.items() if b < target_bytes // 2)
+        groups: list[list[str]] = [[]]
+        total = 0
+        for name in small:
+            if groups[-1] and total + sizes[name] > target_bytes:
+                groups.append([])
+                total = 0
+            groups[-1].append(name)
+            total += sizes[name]
+        groups = [g for g in groups if len(g) > 1]
+        if not groups:
+            return {"merged_shards": 0, "new_shards": 0, "recordings_moved": 0}
+        latest = {r["recording_id"]: r for r in self.ledger(latest=True).to_pylist()}
+        moved = 0
+        for k, group in enumerate(groups):
+            new = shard_name(run_id, k)
+            keep = {name: winners[name] for name in group}
+            for layer in layers:
+                parts, md = [], None
+                for name in group:
+                    path = f"{self.layer_dir(layer)}/{name}.parquet"
+                    if not self.fs.exists(path):
+                        continue
+                    t = self._read(path)
+                    if md is None:
+                        md = {k_.decode(): v.decode() for k_, v in (t.schema.metadata or {}).items()
+                              if not k_.startswith(b"ARROW")}
+                    t = t.filter(pc.is_in(t.column("recording_id"), value_set=pa.array(sorted(keep[name]))))
+                    parts.append(t.replace_schema_metadata(None))
+                if not parts:
+                    continue
+                merged = pa.concat_tables(parts).sort_by([("recording_id", "ascending"), ("segment", "ascending")])
+                merged = merged.set_column(merged.schema.get_field_index("run_id"), "run_id",
+                                           pa.array([run_id] * merged.num_rows, pa.string()))
+                merged = merged.set_column(merged.schema.get_field_index("shard"), "shard",
+                                           pa.array(np.full(merged.num_rows, k, np.int32)))
+                self.check_lease()
+                self.write_parquet(f"{self.layer_dir(layer)}/{new}.parquet", merged, md)
+            now = time.time_ns()
+            rows = []
+            for rid in sorted(set().union(*keep.values())):
+                row = dict(latest[rid])
+                row.update(run_id=run_id, shard=k, committed_at_ns=now)
+                rows.append(row)
+            moved += len(rows)
+            self.check_lease()
+            self.write_parquet(self._p("recordings", f"{new}.parquet"), pa.Table.from_pylist(rows, LEDGER_SCHEMA))
+        return {"merged_shards": sum(len(g) for g in groups), "new_shards": len(groups), "recordings_moved": moved}
 
     def last_run(self) -> dict | None:
         runs = self.runs()

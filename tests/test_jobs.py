@@ -347,3 +347,42 @@ def test_place_waits_for_gpus_to_join_then_fails_clearly():
     assert time.time() - t < 10
     with pytest.raises(Exception, match="--gpu-wait"):  # no wait asked: at once
         place(RunConfig(input="x", output="y", num_gpus=1), _GrowingCluster(None), lines.append)
+
+
+# ---- compact merges small shards -----------------------------------------------------------------------------
+def _rows(table: Path, layer: int) -> list[tuple]:
+    t = read_features(str(table), layer)
+    return sorted(zip(t.column("recording_id").to_pylist(), t.column("segment").to_pylist(),
+                      t.column("start_s").to_pylist(), t.column("embedding").to_pylist(), strict=True))
+
+
+def test_compact_merges_small_shards_without_changing_what_readers_see(model_dir, tmp_path, capsys):
+    audio, out = tmp_path / "audio", tmp_path / "table"
+    add_files(audio, {f"m{i}.wav": 6.0 for i in range(5)})
+    assert extract.main([str(audio), str(out), *common(model_dir), "--shard-max-recordings", "1"]) == 0
+    capsys.readouterr()
+    before = {layer: _rows(out, layer) for layer in (0, 2)}
+    fingerprints = {r["recording_id"]: r["fingerprint"] for r in read_ledger(str(out)).to_pylist()}
+    assert len(list((out / "features" / "layer=0").glob("*.parquet"))) == 5  # one small file per commit
+
+    # a target that fits two of these shards per file: 5 -> 2 merged files + 1 shard left alone
+    size = max(p.stat().st_size for p in (out / "features" / "layer=0").glob("*.parquet"))
+    got = FeatureTable(str(out)).compact(target_bytes=2 * size + 2)  # "small": under half the target
+    assert (got["merged_shards"], got["merged_into"]) == (4, 2)
+    assert len(list((out / "features" / "layer=0").glob("*.parquet"))) == 3
+    # then the default target (64 MB): everything in one file per layer
+    assert scheduled.main(["compact", str(out)]) == 0
+    assert "merged 3 small shard(s) into 1" in capsys.readouterr().err
+    for layer in (0, 2):
+        files = list((out / "features" / f"layer={layer}").glob("*.parquet"))
+        assert len(files) == 1
+        assert _rows(out, layer) == before[layer]  # the reader's rows are unchanged, embeddings included
+        plain = pads.dataset(files[0]).to_table()
+        assert plain.num_rows == len(before[layer])  # plain readers agree: the small files are gone
+    latest = read_ledger(str(out)).to_pylist()
+    assert {r["recording_id"]: r["fingerprint"] for r in latest} == fingerprints
+    assert all(r["run_id"].startswith("compact-") and r["status"] == "ok" for r in latest)
+    assert [r["kind"] for r in FeatureTable(str(out)).runs() if r.get("kind")] == ["compact", "compact"]
+    # a rerun finds nothing to do; the merged table takes new commits as before
+    assert extract.main([str(audio), str(out), *common(model_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["skipped"] == 5
