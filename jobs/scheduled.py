@@ -112,7 +112,6 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     root = args.tables_root.rstrip("/")
-    state: dict = {}
 
     def go() -> dict:
         from pipeline.engine import run
@@ -120,7 +119,6 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
         args.output = root  # replaced by the table for this model, revision and configuration
         cfg = config_from_args(args)
         cfg = dataclasses.replace(cfg, output=f"{root}/{table_name(cfg)}")
-        state["cfg"] = cfg
         print(f"reprocessing into {cfg.output}", file=sys.stderr, flush=True)
         summary = run(cfg, log=log_to_stderr(not cfg.progress))
         if args.promote and summary.get("status") == "complete":

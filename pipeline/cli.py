@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import RunConfig, load_yaml, make_config
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RunInterrupted
 
 # (flag, RunConfig field, type, help). The run options are stated once: `mert-pipeline run` and jobs/extract.py
 # both build their parser from this table.
@@ -260,8 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (PipelineError, ValueError) as exc:
-        from pipeline.errors import RunInterrupted
-
         summary = getattr(exc, "summary", None)
         if summary and getattr(args, "json", False):
             print(json.dumps(summary, indent=2, default=str))
