@@ -759,7 +759,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                 table.write_run(run_id, summary)  # written last
             finally:
                 table.release_lease()
-        signals.uninstall()
+                signals.uninstall()
     if summary["status"] == "stopped":
         raise RunStopped(f"run {run_id} stopped: {summary['stop_reason']}", summary)
     if summary["status"] == "interrupted":
