@@ -458,8 +458,7 @@ class FeatureTable:
                     removed.append(f)
                 else:
                     kept = t.filter(mask)
-                    md = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()
-                          if not k.startswith(b"ARROW")}
+                    md = footer_metadata(t)
                     self.write_parquet(f, kept.replace_schema_metadata(None), md)
                     rewritten.append(f)
         self._invalidate()
@@ -471,7 +470,7 @@ class FeatureTable:
         again. After it, plain Parquet readers see exactly what the reader sees (superseded rows of changed inputs
         and rows of tombstoned ones are gone from the files), in fewer, larger files."""
         run_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        started = _utc_now()
         self.acquire_lease(run_id, ttl_s, wait_s)
         try:
             out = self.vacuum(live_runs={run_id})
@@ -482,8 +481,7 @@ class FeatureTable:
                 out["removed_files"] += again["removed_files"]
                 out["rewritten_files"] += again["rewritten_files"]
                 self.write_run(run_id, {"run_id": run_id, "kind": "compact", "status": "complete",
-                                        "started_at": started, "finished_at": time.strftime(
-                                            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "started_at": started, "finished_at": _utc_now(),
                                         "counts": {"merged_shards": merged["merged_shards"],
                                                    "new_shards": merged["new_shards"],
                                                    "recordings_moved": merged["recordings_moved"]}})
@@ -531,8 +529,7 @@ class FeatureTable:
                         continue
                     t = self._read(path)
                     if md is None:
-                        md = {k_.decode(): v.decode() for k_, v in (t.schema.metadata or {}).items()
-                              if not k_.startswith(b"ARROW")}
+                        md = footer_metadata(t)
                     t = t.filter(pc.is_in(t.column("recording_id"), value_set=pa.array(sorted(keep[name]))))
                     parts.append(t.replace_schema_metadata(None))
                 if not parts:
@@ -623,7 +620,7 @@ def promote(root: str, table_uri: str, storage_options: dict | None = None, forc
     pointer = {"table": t.root, "config_hash": meta.get("config_hash"), "config": meta.get("config"),
                "model": (meta.get("provenance") or {}).get("model"),
                "revision": (meta.get("provenance") or {}).get("revision"),
-               "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "promoted_at": _utc_now(),
                "last_run": last.get("run_id") if last else None,
                "previous": previous.get("table") if previous else None}
     r._write_json(r._p(CURRENT), pointer)
@@ -638,6 +635,16 @@ def resolve_table(path: str, storage_options: dict | None = None) -> str:
         return t.root
     pointer = t._read_json(t._p(CURRENT))
     return pointer["table"] if pointer and pointer.get("table") else t.root
+
+
+def footer_metadata(t: pa.Table) -> dict[str, str]:
+    """A read file's own key-value metadata (the mert.* provenance), without the Arrow schema pyarrow adds, to
+    write again on a rewritten file."""
+    return {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items() if not k.startswith(b"ARROW")}
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _is_local(fs) -> bool:
