@@ -58,7 +58,9 @@ def flops_per_audio_second(config: dict, sample_rate: int, window_s: float) -> d
     for c_out, k, s in zip(config["conv_dim"], config["conv_kernel"], config["conv_stride"], strict=True):
         length = (length - k) // s + 1
         if length <= 0:
-            raise ValueError(f"a window of {window_s} s at {sample_rate} Hz is shorter than the conv front end")
+            raise ValueError(
+                f"a window of {window_s} s at {sample_rate} Hz is shorter than the conv front end"
+            )
         conv += 2 * c_in * c_out * k * length
         c_in = c_out
     t = length
@@ -120,9 +122,15 @@ def versions() -> dict:
 
     from pipeline import __version__
 
-    return {"pipeline": __version__, "torch": torch.__version__, "torchaudio": torchaudio.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
-            "av": av.__version__}
+    return {
+        "pipeline": __version__,
+        "torch": torch.__version__,
+        "torchaudio": torchaudio.__version__,
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+        "av": av.__version__,
+    }
 
 
 # ---- what is measured --------------------------------------------------------------------------------------------
@@ -141,7 +149,9 @@ def ensure_model(model: str | None, like: str, size: str = "full", cache: Path =
     return path
 
 
-def ensure_corpus(folder: Path, tracks: int, seconds: float, fmt: str = "mp3", sample_rate: int = 44100) -> Path:
+def ensure_corpus(
+    folder: Path, tracks: int, seconds: float, fmt: str = "mp3", sample_rate: int = 44100
+) -> Path:
     """`tracks` music-like stereo files of `seconds` seconds each (distinct seeds) in `folder`, written once: a
     corpus.json there records what was asked, and a different ask rewrites the folder."""
     from pipeline import synth
@@ -155,9 +165,13 @@ def ensure_corpus(folder: Path, tracks: int, seconds: float, fmt: str = "mp3", s
         if old.is_file():
             old.unlink()
     for i in range(tracks):
-        synth.encode_chunks(folder / f"track_{i:03d}{synth.EXTENSIONS[fmt]}",
-                            synth.long_music_chunks(seconds, sample_rate, 2, chunk_s=30.0, seed=i),
-                            sample_rate, 2, fmt)
+        synth.encode_chunks(
+            folder / f"track_{i:03d}{synth.EXTENSIONS[fmt]}",
+            synth.long_music_chunks(seconds, sample_rate, 2, chunk_s=30.0, seed=i),
+            sample_rate,
+            2,
+            fmt,
+        )
     marker.write_text(json.dumps(want))
     return folder
 
@@ -275,6 +289,10 @@ class TreeMemory:
 
     def peak(self) -> dict:
         mb = 2**20
-        return {"peak_pss_mb": round(self.peak_pss / mb, 1), "peak_rss_sum_mb": round(self.peak_rss / mb, 1),
-                "sum_of_process_peaks_mb": round(sum(self.hwm.values()) / mb, 1),
-                "shm_growth_peak_mb": round(self.peak_shm / mb, 1), "peak_processes": self.peak_procs}
+        return {
+            "peak_pss_mb": round(self.peak_pss / mb, 1),
+            "peak_rss_sum_mb": round(self.peak_rss / mb, 1),
+            "sum_of_process_peaks_mb": round(sum(self.hwm.values()) / mb, 1),
+            "shm_growth_peak_mb": round(self.peak_shm / mb, 1),
+            "peak_processes": self.peak_procs,
+        }

@@ -68,27 +68,42 @@ def throughput(folder: Path, seconds: float) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for fmt, rate in FORMATS:
-        path = synth.encode_chunks(folder / f"bench{synth.EXTENSIONS[fmt]}",
-                                   synth.long_music_chunks(seconds, rate, 2), rate, 2, fmt)
+        path = synth.encode_chunks(
+            folder / f"bench{synth.EXTENSIONS[fmt]}", synth.long_music_chunks(seconds, rate, 2), rate, 2, fmt
+        )
         for isolate in (False, True):
             dec = DecoderProcess() if isolate else None
             if dec is not None:  # start the child outside the timing (it is reused across files in a run)
                 list(read_segments(str(path), sample_rate=24000, segments=SegmentConfig(), decoder=dec))
             cpu0, child0, t0 = time.process_time(), _child_cpu(dec), time.perf_counter()
-            with read_segments(str(path), sample_rate=24000, segments=SegmentConfig(), isolate=isolate,
-                               decoder=dec) as stream:
+            with read_segments(
+                str(path), sample_rate=24000, segments=SegmentConfig(), isolate=isolate, decoder=dec
+            ) as stream:
                 n = sum(1 for _ in stream)
             wall = time.perf_counter() - t0
             cpu = time.process_time() - cpu0 + (_child_cpu(dec) - child0)
             if dec is not None:
                 dec.close()
             audio = stream.info.duration_s or 0.0
-            rows.append({"format": fmt, "codec": stream.info.codec, "source_rate": stream.info.sample_rate,
-                         "isolated": isolate, "audio_s": round(audio, 2), "segments": n, "wall_s": round(wall, 3),
-                         "cpu_s": round(cpu, 3), "x_realtime_wall": round(audio / wall, 1),
-                         "x_realtime_cpu": round(audio / cpu, 1) if cpu > 0 else None})
-            print(f"{fmt:5s} {stream.info.codec:10s} isolated={isolate!s:5s} {audio:7.1f} s audio "
-                  f"{wall:7.2f} s wall ({audio / wall:7.1f}x)  {cpu:7.2f} s cpu ({audio / cpu:7.1f}x)", flush=True)
+            rows.append(
+                {
+                    "format": fmt,
+                    "codec": stream.info.codec,
+                    "source_rate": stream.info.sample_rate,
+                    "isolated": isolate,
+                    "audio_s": round(audio, 2),
+                    "segments": n,
+                    "wall_s": round(wall, 3),
+                    "cpu_s": round(cpu, 3),
+                    "x_realtime_wall": round(audio / wall, 1),
+                    "x_realtime_cpu": round(audio / cpu, 1) if cpu > 0 else None,
+                }
+            )
+            print(
+                f"{fmt:5s} {stream.info.codec:10s} isolated={isolate!s:5s} {audio:7.1f} s audio "
+                f"{wall:7.2f} s wall ({audio / wall:7.1f}x)  {cpu:7.2f} s cpu ({audio / cpu:7.1f}x)",
+                flush=True,
+            )
         path.unlink()
     return rows
 
@@ -98,18 +113,23 @@ def memory(folder: Path) -> dict:
 
     out = {}
     for minutes in (1, 60):
-        path = synth.encode_chunks(folder / f"{minutes}min.wav", synth.long_music_chunks(minutes * 60, 44100, 2),
-                                   44100, 2, "wav")
+        path = synth.encode_chunks(
+            folder / f"{minutes}min.wav", synth.long_music_chunks(minutes * 60, 44100, 2), 44100, 2, "wav"
+        )
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, env=env,
-                             check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, env=env, check=True
+        )
         r = json.loads(res.stdout.strip().splitlines()[-1])
         r["wall_s"] = round(time.perf_counter() - t0, 2)
         r["file_mb"] = round(path.stat().st_size / 1e6, 1)
         out[f"{minutes}min"] = r
-        print(f"{minutes:2d}-minute WAV ({r['file_mb']} MB): peak RSS {r['peak_rss_mb']:.0f} MB, "
-              f"{r['segments']} segments, {r['wall_s']} s", flush=True)
+        print(
+            f"{minutes:2d}-minute WAV ({r['file_mb']} MB): peak RSS {r['peak_rss_mb']:.0f} MB, "
+            f"{r['segments']} segments, {r['wall_s']} s",
+            flush=True,
+        )
         path.unlink()
     return out
 
@@ -127,10 +147,20 @@ def main() -> None:
     import av
     import torch
 
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                          "torch": torch.__version__, "av": av.__version__,
-                          "load_avg": os.getloadavg()},
-              "target_rate": 24000, "threads": 1, "throughput": rows, "memory": mem}
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "av": av.__version__,
+            "load_avg": os.getloadavg(),
+        },
+        "target_rate": 24000,
+        "threads": 1,
+        "throughput": rows,
+        "memory": mem,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
 

@@ -67,22 +67,30 @@ def main() -> None:
 
         warm = run()
         times = [run() for _ in range(args.repeats)]
-    print(json.dumps({
-        "model_like": args.like,
-        "batch": args.batch,
-        "segment_s": args.seconds,
-        "device": str(emb.device) + (f" ({torch.cuda.get_device_name()})" if emb.device.type == "cuda" else
-                                     f" ({platform.processor() or platform.machine()}, "
-                                     f"{torch.get_num_threads()} threads)"),
-        "dtype": args.dtype,
-        "write_checkpoint_s": round(t_write, 2),
-        "load_model_s": round(t_load, 2),
-        "warmup_batch_s": round(warm, 3),
-        "seconds_per_batch": [round(t, 3) for t in times],
-        "median_seconds_per_batch": round(statistics.median(times), 3),
-        "audio_seconds_per_second": round(args.batch * args.seconds / statistics.median(times), 1),
-        "torch": torch.__version__,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model_like": args.like,
+                "batch": args.batch,
+                "segment_s": args.seconds,
+                "device": str(emb.device)
+                + (
+                    f" ({torch.cuda.get_device_name()})"
+                    if emb.device.type == "cuda"
+                    else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+                ),
+                "dtype": args.dtype,
+                "write_checkpoint_s": round(t_write, 2),
+                "load_model_s": round(t_load, 2),
+                "warmup_batch_s": round(warm, 3),
+                "seconds_per_batch": [round(t, 3) for t in times],
+                "median_seconds_per_batch": round(statistics.median(times), 3),
+                "audio_seconds_per_second": round(args.batch * args.seconds / statistics.median(times), 1),
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

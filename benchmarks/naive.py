@@ -76,8 +76,9 @@ class NaiveRecipe:
         return time_reduced.float().cpu().numpy()
 
 
-def naive_throughput(files: list[Path], model_dir: str | Path, device: str = "cpu", threads: int | None = None,
-                     log=print) -> dict:
+def naive_throughput(
+    files: list[Path], model_dir: str | Path, device: str = "cpu", threads: int | None = None, log=print
+) -> dict:
     """Audio seconds per wall second of the recipe over `files` (model load and one 1 s warm-up call excluded;
     everything per file, from opening it to the time means, included)."""
     import av
@@ -107,6 +108,12 @@ def naive_throughput(files: list[Path], model_dir: str | Path, device: str = "cp
         wall += dt
         per_file.append({"file": Path(path).name, "audio_s": round(dur, 2), "wall_s": round(dt, 2)})
         log(f"  naive {Path(path).name}: {dur:.1f} s audio in {dt:.1f} s ({dur / dt:.2f} audio s/s)")
-    return {"audio_s": round(audio_s, 2), "wall_s": round(wall, 2),
-            "audio_s_per_s": round(audio_s / wall, 3) if wall else None, "model_load_s": round(load_s, 2),
-            "threads": torch.get_num_threads(), "device": str(recipe.device), "files": per_file}
+    return {
+        "audio_s": round(audio_s, 2),
+        "wall_s": round(wall, 2),
+        "audio_s_per_s": round(audio_s / wall, 3) if wall else None,
+        "model_load_s": round(load_s, 2),
+        "threads": torch.get_num_threads(),
+        "device": str(recipe.device),
+        "files": per_file,
+    }

@@ -87,8 +87,9 @@ def decoded_segments(files: list[Path], sample_rate: int, window_s: float, count
     n = int(round(window_s * sample_rate))
     out = []
     for path in files:
-        with read_segments(str(path), sample_rate=sample_rate, segments=SegmentConfig(window_s=window_s),
-                           isolate=False) as stream:
+        with read_segments(
+            str(path), sample_rate=sample_rate, segments=SegmentConfig(window_s=window_s), isolate=False
+        ) as stream:
             for seg in stream:
                 if len(seg.samples) == n:
                     out.append(seg.samples)
@@ -105,8 +106,16 @@ class ModelOnly:
     times half before and half after the pipeline run, so that a slow or fast spell of the machine weighs on both
     sides of the ratio."""
 
-    def __init__(self, model_dir: Path, segments: np.ndarray, batch_size: int, *, threads: int | None,
-                 device: str = "cpu", dtype: str = "float32"):
+    def __init__(
+        self,
+        model_dir: Path,
+        segments: np.ndarray,
+        batch_size: int,
+        *,
+        threads: int | None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         import torch
 
         from pipeline.embed import Embedder
@@ -156,14 +165,20 @@ class ModelOnly:
         per_batch = self.batch_size * self.seg_s
         wall = sum(self.times)
         out = {
-            "device": str(self.emb.device), "dtype": self.dtype,
+            "device": str(self.emb.device),
+            "dtype": self.dtype,
             "threads": torch.get_num_threads() if self.device == "cpu" else None,
-            "batch_size": self.batch_size, "segment_s": round(self.seg_s, 3), "timed_batches": len(self.times),
-            "audio_s": round(per_batch * len(self.times), 2), "wall_s": round(wall, 3),
+            "batch_size": self.batch_size,
+            "segment_s": round(self.seg_s, 3),
+            "timed_batches": len(self.times),
+            "audio_s": round(per_batch * len(self.times), 2),
+            "wall_s": round(wall, 3),
             "audio_s_per_s": round(per_batch * len(self.times) / wall, 3),
-            "audio_s_per_s_by_phase": [round(per_batch * (b - a) / sum(self.times[a:b]), 3)
-                                       for a, b in self.phases if b > a],
-            "seconds_per_batch": [round(x, 3) for x in self.times], "warmup_batch_s": round(self.warm_s, 3),
+            "audio_s_per_s_by_phase": [
+                round(per_batch * (b - a) / sum(self.times[a:b]), 3) for a, b in self.phases if b > a
+            ],
+            "seconds_per_batch": [round(x, 3) for x in self.times],
+            "warmup_batch_s": round(self.warm_s, 3),
             "model_load_s": round(self.load_s, 2),
         }
         return out
@@ -178,8 +193,16 @@ class ModelOnly:
             torch.cuda.empty_cache()
 
 
-def model_only(model_dir: Path, segments: np.ndarray, batch_size: int, batches: int, *, threads: int | None,
-               device: str = "cpu", dtype: str = "float32") -> dict:
+def model_only(
+    model_dir: Path,
+    segments: np.ndarray,
+    batch_size: int,
+    batches: int,
+    *,
+    threads: int | None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict:
     """ModelOnly in one go: a warm-up batch, then `batches` timed ones."""
     m = ModelOnly(model_dir, segments, batch_size, threads=threads, device=device, dtype=dtype)
     try:
@@ -229,14 +252,29 @@ def cpu_stage(files: list[Path], sample_rate: int, window_s: float) -> dict:
     finally:
         dec.close()
         torch.set_num_threads(threads)
-    return {"audio_s": round(audio, 2), "segments": segments, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-            "audio_s_per_s": round(audio / wall, 2), "audio_s_per_cpu_s": round(audio / cpu, 2),
-            "isolate": True, "torch_threads": 1}
+    return {
+        "audio_s": round(audio, 2),
+        "segments": segments,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "audio_s_per_s": round(audio / wall, 2),
+        "audio_s_per_cpu_s": round(audio / cpu, 2),
+        "isolate": True,
+        "torch_threads": 1,
+    }
 
 
 # ---- 3. the pipeline -------------------------------------------------------------------------------------------
-def pipeline_run(corpus: Path, model_dir: Path, work: Path, *, batch_size: int, device: str = "cpu",
-                 compute_dtype: str = "float32", extra: dict | None = None) -> dict:
+def pipeline_run(
+    corpus: Path,
+    model_dir: Path,
+    work: Path,
+    *,
+    batch_size: int,
+    device: str = "cpu",
+    compute_dtype: str = "float32",
+    extra: dict | None = None,
+) -> dict:
     """pipeline.engine.run on the corpus into a fresh table. When Ray is not running yet, the run starts it (and
     the figure includes it), and it is shut down afterwards."""
     import ray
@@ -245,9 +283,17 @@ def pipeline_run(corpus: Path, model_dir: Path, work: Path, *, batch_size: int, 
     from pipeline.engine import run
 
     out = work / f"table-{uuid.uuid4().hex[:8]}"
-    cfg = RunConfig(input=str(corpus), output=str(out), model=str(model_dir), batch_size=batch_size,
-                    num_gpus=0 if device == "cpu" else None, compute_dtype=compute_dtype, progress=True,
-                    commit_interval_s=3600.0, **(extra or {}))
+    cfg = RunConfig(
+        input=str(corpus),
+        output=str(out),
+        model=str(model_dir),
+        batch_size=batch_size,
+        num_gpus=0 if device == "cpu" else None,
+        compute_dtype=compute_dtype,
+        progress=True,
+        commit_interval_s=3600.0,
+        **(extra or {}),
+    )
     started_ray = not ray.is_initialized()
     t = time.perf_counter()
     summary = run(cfg, log=lambda m: log("  " + m))
@@ -257,11 +303,19 @@ def pipeline_run(corpus: Path, model_dir: Path, work: Path, *, batch_size: int, 
     audio = summary["audio_hours"] * 3600
     timings = summary.get("timings") or {}
     return {
-        "device": device, "compute_dtype": compute_dtype, "batch_size": batch_size, "ray_started_here": started_ray,
-        "inputs_ok": summary["counts"]["ok"], "inputs": summary["counts"]["processed"],
-        "audio_s": round(audio, 2), "wall_s": round(wall, 2), "audio_s_per_s": round(audio / wall, 3),
-        "steady_audio_s_per_s": timings.get("steady_audio_s_per_s"), "timings": timings,
-        "device_name": summary["provenance"].get("device"), "table": str(out),
+        "device": device,
+        "compute_dtype": compute_dtype,
+        "batch_size": batch_size,
+        "ray_started_here": started_ray,
+        "inputs_ok": summary["counts"]["ok"],
+        "inputs": summary["counts"]["processed"],
+        "audio_s": round(audio, 2),
+        "wall_s": round(wall, 2),
+        "audio_s_per_s": round(audio / wall, 3),
+        "steady_audio_s_per_s": timings.get("steady_audio_s_per_s"),
+        "timings": timings,
+        "device_name": summary["provenance"].get("device"),
+        "table": str(out),
     }
 
 
@@ -296,8 +350,14 @@ def worker_memory(path: Path, sample_rate: int, window_s: float) -> dict:
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(path), str(sample_rate), str(window_s)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(path), str(sample_rate), str(window_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=root,
+    )
     with TreeMemory(proc.pid, interval_s=0.1) as mem:
         stdout, stderr = proc.communicate()
     if proc.returncode != 0:
@@ -322,8 +382,12 @@ def tree_memory(path: Path, model_dir: Path, work: Path, *, batch_size: int, tim
     logf = work / f"{out.name}.log"
     t = time.perf_counter()
     with open(logf, "w") as lf:
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--pipeline-child", json.dumps(spec)],
-                                stdout=lf, stderr=subprocess.STDOUT, cwd=root)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.run", "--pipeline-child", json.dumps(spec)],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+        )
         finished = True
         with TreeMemory(proc.pid, interval_s=0.2) as mem:
             try:
@@ -349,12 +413,18 @@ def tree_memory(path: Path, model_dir: Path, work: Path, *, batch_size: int, tim
     text = logf.read_text()
     summary = None
     for line in text.splitlines():
-        if line.startswith("{\"child_summary\""):
+        if line.startswith('{"child_summary"'):
             summary = json.loads(line)["child_summary"]
     if finished and (proc.returncode != 0 or summary is None):
         raise RuntimeError(f"the pipeline memory run on {path} failed: {text[-3000:]}")
-    return {"finished": finished, "time_box_s": time_box_s, "elapsed_s": round(elapsed, 1),
-            "audio_s_done": summary["audio_s"] if summary else None, **mem.peak(), "pss_mb_series": mem.series}
+    return {
+        "finished": finished,
+        "time_box_s": time_box_s,
+        "elapsed_s": round(elapsed, 1),
+        "audio_s_done": summary["audio_s"] if summary else None,
+        **mem.peak(),
+        "pss_mb_series": mem.series,
+    }
 
 
 def _pipeline_child(spec_json: str) -> None:
@@ -369,14 +439,24 @@ def _pipeline_child(spec_json: str) -> None:
     except KeyboardInterrupt:
         log("[bench] interrupted at the time box")
         return
-    print(json.dumps({"child_summary": {"audio_s": round(summary["audio_hours"] * 3600, 2),
-                                        "wall_s": summary["wall_s"], "timings": summary.get("timings")}}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "child_summary": {
+                    "audio_s": round(summary["audio_hours"] * 3600, 2),
+                    "wall_s": summary["wall_s"],
+                    "timings": summary.get("timings"),
+                }
+            }
+        ),
+        flush=True,
+    )
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------------
-def gpu_figures(args, model_dir: Path, corpus: Path, files: list[Path], segments: np.ndarray, cpu: dict,
-                work: Path) -> dict:
+def gpu_figures(
+    args, model_dir: Path, corpus: Path, files: list[Path], segments: np.ndarray, cpu: dict, work: Path
+) -> dict:
     """The same figures on the GPU, and the model FLOP utilization per compute dtype."""
     import torch
 
@@ -388,26 +468,41 @@ def gpu_figures(args, model_dir: Path, corpus: Path, files: list[Path], segments
     # CPU-stage capacity of this machine: every core not reserved by a GPU actor (one CPU each) decoding
     decode_cores = max(1, (os.cpu_count() or 1) - gpus)
     capacity = cpu["audio_s_per_cpu_s"] * decode_cores
-    out = {"device_name": name, "gpus": gpus, "flops_per_audio_s": flops, "decode_cores": decode_cores,
-           "cpu_stage_capacity_audio_s_per_s": round(capacity, 1), "by_dtype": {}}
+    out = {
+        "device_name": name,
+        "gpus": gpus,
+        "flops_per_audio_s": flops,
+        "decode_cores": decode_cores,
+        "cpu_stage_capacity_audio_s_per_s": round(capacity, 1),
+        "by_dtype": {},
+    }
     for dtype in ("float32", "bfloat16"):
         log(f"[bench] GPU model only, {dtype}, batch {args.gpu_batch_size}")
-        m = model_only(model_dir, segments, args.gpu_batch_size, args.gpu_batches, threads=None, device="cuda",
-                       dtype=dtype)
+        m = model_only(
+            model_dir,
+            segments,
+            args.gpu_batch_size,
+            args.gpu_batches,
+            threads=None,
+            device="cuda",
+            dtype=dtype,
+        )
         peak = peak_flops(name, dtype)
         achieved = m["audio_s_per_s"] * flops["total"]
         m["achieved_tflops"] = round(achieved / 1e12, 2)
         m["peak_tflops"] = peak / 1e12 if peak else None
         m["mfu"] = round(achieved / peak, 4) if peak else None
         log(f"[bench] GPU pipeline, {dtype}")
-        p = pipeline_run(corpus, model_dir, work, batch_size=args.gpu_batch_size, device="cuda",
-                         compute_dtype=dtype)
+        p = pipeline_run(
+            corpus, model_dir, work, batch_size=args.gpu_batch_size, device="cuda", compute_dtype=dtype
+        )
         bound = min(m["audio_s_per_s"], capacity)
         p["bound_audio_s_per_s"] = round(bound, 2)
         p["bound_by"] = "model" if m["audio_s_per_s"] <= capacity else "cpu_stage"
         p["ratio_to_bound"] = round(p["audio_s_per_s"] / bound, 3)
-        p["steady_ratio_to_bound"] = (round(p["steady_audio_s_per_s"] / bound, 3)
-                                      if p["steady_audio_s_per_s"] else None)
+        p["steady_ratio_to_bound"] = (
+            round(p["steady_audio_s_per_s"] / bound, 3) if p["steady_audio_s_per_s"] else None
+        )
         p["goal_fed_end_to_end"] = p["ratio_to_bound"] >= GOAL_FED  # >= 0.85 x min(model only, CPU capacity)
         p["goal_fed_steady"] = bool(p["steady_ratio_to_bound"] and p["steady_ratio_to_bound"] >= GOAL_FED)
         out["by_dtype"][dtype] = {"model_only": m, "pipeline": p}
@@ -489,52 +584,93 @@ def print_report(result: dict) -> None:
                 f"memory {kind:5s} ({mem.get(kind + '_s'):g} s): CPU-stage worker + decoder "
                 f"{f(w and w['worker_plus_decoder_peak_rss_mb'], ' MB')}; pipeline tree PSS "
                 f"{f(t and t['peak_pss_mb'], ' MB')} (sum of process peaks "
-                f"{f(t and t['sum_of_process_peaks_mb'], ' MB')})" + ("" if not t or t["finished"] else
-                                                        f" (stopped at the {t['time_box_s']:g} s time box)"))
+                f"{f(t and t['sum_of_process_peaks_mb'], ' MB')})"
+                + ("" if not t or t["finished"] else f" (stopped at the {t['time_box_s']:g} s time box)")
+            )
     if "worker_long_over_short" in mem or "tree_long_over_short" in mem:
-        lines.append(f"memory long / short: CPU stage {f(mem.get('worker_long_over_short'))}, "
-                     f"pipeline tree {f(mem.get('tree_long_over_short'))} (PSS), "
-                     f"{f(mem.get('tree_long_over_short_process_peaks'))} (sum of process peaks)")
-    lines.append("goals: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["summary"]["goals"]
-                                       .items()))
+        lines.append(
+            f"memory long / short: CPU stage {f(mem.get('worker_long_over_short'))}, "
+            f"pipeline tree {f(mem.get('tree_long_over_short'))} (PSS), "
+            f"{f(mem.get('tree_long_over_short_process_peaks'))} (sum of process peaks)"
+        )
+    lines.append(
+        "goals: "
+        + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in result["summary"]["goals"].items())
+    )
     g = result.get("gpu")
     if g:
         for dtype, d in g["by_dtype"].items():
-            lines.append(f"GPU {g['device_name']} {dtype}: model only {d['model_only']['audio_s_per_s']:g} audio s/s "
-                         f"(MFU {f(d['model_only']['mfu'])}), pipeline {d['pipeline']['audio_s_per_s']:g} end to end, "
-                         f"steady {f(d['pipeline']['steady_audio_s_per_s'])}, bound {d['pipeline']['bound_by']} "
-                         f"({d['pipeline']['bound_audio_s_per_s']:g}), ratio {d['pipeline']['ratio_to_bound']:g}")
+            lines.append(
+                f"GPU {g['device_name']} {dtype}: model only {d['model_only']['audio_s_per_s']:g} audio s/s "
+                f"(MFU {f(d['model_only']['mfu'])}), pipeline {d['pipeline']['audio_s_per_s']:g} end to end, "
+                f"steady {f(d['pipeline']['steady_audio_s_per_s'])}, bound {d['pipeline']['bound_by']} "
+                f"({d['pipeline']['bound_audio_s_per_s']:g}), ratio {d['pipeline']['ratio_to_bound']:g}"
+            )
     print("\n".join(lines), flush=True)
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--model", help="a local checkpoint folder (config.json, preprocessor_config.json, weights)")
-    g.add_argument("--like", default="MERT-v1-95M", help="registry model whose shapes a random checkpoint takes "
-                                                         "(written once under benchmarks/.cache; default %(default)s)")
+    g.add_argument(
+        "--model", help="a local checkpoint folder (config.json, preprocessor_config.json, weights)"
+    )
+    g.add_argument(
+        "--like",
+        default="MERT-v1-95M",
+        help="registry model whose shapes a random checkpoint takes "
+        "(written once under benchmarks/.cache; default %(default)s)",
+    )
     ap.add_argument("--corpus", help="a folder of audio files (default: generated music-like tracks)")
     ap.add_argument("--tracks", type=int, default=2, help="generated tracks (default %(default)s)")
     ap.add_argument("--track-seconds", type=float, default=180.0, help="length of each (default %(default)s)")
-    ap.add_argument("--format", default="mp3", help="their format: mp3, flac, wav, ogg, m4a (default %(default)s)")
+    ap.add_argument(
+        "--format", default="mp3", help="their format: mp3, flac, wav, ogg, m4a (default %(default)s)"
+    )
     ap.add_argument("--batch-size", type=int, default=8, help="segments per model call (default %(default)s)")
     ap.add_argument("--window", type=float, default=5.0, help="segment window, seconds (default %(default)s)")
-    ap.add_argument("--model-batches", type=int, default=6,
-                    help="timed model-only batches, half before and half after the pipeline (default %(default)s)")
-    ap.add_argument("--short-seconds", type=float, default=60.0, help="short memory input (default %(default)s)")
-    ap.add_argument("--long-seconds", type=float, default=3600.0, help="long memory input (default %(default)s)")
-    ap.add_argument("--tree-time-box", type=float, default=150.0,
-                    help="seconds a pipeline memory run may take before it is stopped (default %(default)s)")
-    ap.add_argument("--skip", default="", help="comma list of parts to leave out: model,cpu,pipeline,naive,"
-                                               "memory,tree,gpu")
+    ap.add_argument(
+        "--model-batches",
+        type=int,
+        default=6,
+        help="timed model-only batches, half before and half after the pipeline (default %(default)s)",
+    )
+    ap.add_argument(
+        "--short-seconds", type=float, default=60.0, help="short memory input (default %(default)s)"
+    )
+    ap.add_argument(
+        "--long-seconds", type=float, default=3600.0, help="long memory input (default %(default)s)"
+    )
+    ap.add_argument(
+        "--tree-time-box",
+        type=float,
+        default=150.0,
+        help="seconds a pipeline memory run may take before it is stopped (default %(default)s)",
+    )
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list of parts to leave out: model,cpu,pipeline,naive,memory,tree,gpu",
+    )
     ap.add_argument("--gpu-batch-size", type=int, default=64, help="GPU batch size (default %(default)s)")
-    ap.add_argument("--gpu-batches", type=int, default=20, help="timed GPU model-only batches (default %(default)s)")
-    ap.add_argument("--workdir", default=str(CACHE), help="generated audio, checkpoints, tables (default "
-                                                           "benchmarks/.cache)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"),
-                    help="JSON result (default benchmarks/results.json)")
+    ap.add_argument(
+        "--gpu-batches", type=int, default=20, help="timed GPU model-only batches (default %(default)s)"
+    )
+    ap.add_argument(
+        "--workdir",
+        default=str(CACHE),
+        help="generated audio, checkpoints, tables (default benchmarks/.cache)",
+    )
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results.json"),
+        help="JSON result (default benchmarks/results.json)",
+    )
     ap.add_argument("--pipeline-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -564,7 +700,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     threads = actor_threads()
     flops = flops_per_audio_second(config, sr, args.window)
     result: dict = {
-        "machine": machine(), "versions": versions(),
+        "machine": machine(),
+        "versions": versions(),
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "model": {"name": spec.name, "path": str(model_dir), "flops_per_audio_s": flops},
         "corpus": {"path": str(corpus), "files": len(files), "audio_s": None},
@@ -588,8 +725,10 @@ def benchmark(args: argparse.Namespace) -> dict:
         log("[bench] pipeline: engine.run through Ray to Parquet, fresh table")
         result["pipeline"] = pipeline_run(corpus, model_dir, work, batch_size=args.batch_size)
         result["corpus"]["audio_s"] = result["corpus"]["audio_s"] or result["pipeline"]["audio_s"]
-        log(f"[bench]   {result['pipeline']['audio_s_per_s']} audio s/s end to end, "
-            f"{result['pipeline']['steady_audio_s_per_s']} steady; timings {result['pipeline']['timings']}")
+        log(
+            f"[bench]   {result['pipeline']['audio_s_per_s']} audio s/s end to end, "
+            f"{result['pipeline']['steady_audio_s_per_s']} steady; timings {result['pipeline']['timings']}"
+        )
     if mo is not None:
         if args.model_batches - len(mo.times) > 0:
             mo.timed(args.model_batches - len(mo.times))
@@ -597,8 +736,10 @@ def benchmark(args: argparse.Namespace) -> dict:
         mo.close()
         m["achieved_gflops"] = round(m["audio_s_per_s"] * flops["total"] / 1e9, 1)
         result["model_only"] = m
-        log(f"[bench]   model only {m['audio_s_per_s']} audio s/s overall, {m['audio_s_per_s_by_phase']} before / "
-            f"after the pipeline ({m['seconds_per_batch']} s per batch)")
+        log(
+            f"[bench]   model only {m['audio_s_per_s']} audio s/s overall, {m['audio_s_per_s_by_phase']} before / "
+            f"after the pipeline ({m['seconds_per_batch']} s per batch)"
+        )
     if not args.skip_naive:
         from benchmarks.naive import naive_throughput
 
@@ -615,8 +756,9 @@ def benchmark(args: argparse.Namespace) -> dict:
             log(f"[bench]   {mem['worker'][kind]}")
             if "tree" not in args.skip:
                 log(f"[bench] memory, {kind} input: whole pipeline run (time box {args.tree_time_box:g} s)")
-                mem["tree"][kind] = tree_memory(path, model_dir, work, batch_size=args.batch_size,
-                                                time_box_s=args.tree_time_box)
+                mem["tree"][kind] = tree_memory(
+                    path, model_dir, work, batch_size=args.batch_size, time_box_s=args.tree_time_box
+                )
                 log(f"[bench]   {mem['tree'][kind]}")
         result["memory"] = mem
     if "gpu" not in args.skip and torch.cuda.is_available() and "cpu_stage" in result:

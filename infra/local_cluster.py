@@ -61,13 +61,17 @@ def wait_jobs(dashboard: str, timeout: float) -> None:
     while True:
         try:
             client = JobSubmissionClient(dashboard)
-            job = client.submit_job(entrypoint="true", submission_id=f"local-cluster-ready-{secrets.token_hex(4)}")
+            job = client.submit_job(
+                entrypoint="true", submission_id=f"local-cluster-ready-{secrets.token_hex(4)}"
+            )
             while not client.get_job_status(job).is_terminal():
                 time.sleep(0.2)
             return
         except Exception as exc:  # noqa: BLE001 - not ready yet
             if time.monotonic() > deadline:
-                raise SystemExit(f"the job server at {dashboard} accepted no job within {timeout:.0f} s: {exc}") from None
+                raise SystemExit(
+                    f"the job server at {dashboard} accepted no job within {timeout:.0f} s: {exc}"
+                ) from None
             time.sleep(1.0)
 
 
@@ -82,7 +86,9 @@ def seed(endpoint: str, state: Path, files: int) -> None:
     from pipeline.config import load_yaml, make_config
     from pipeline.synth import write_corpus
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    s3 = boto3.client(
+        "s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    )
     have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     for b in BUCKETS:
         if b not in have:
@@ -224,8 +230,11 @@ def port_free(ports: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python infra/local_cluster.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python infra/local_cluster.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("wait-s3")
     w.add_argument("--endpoint", required=True)

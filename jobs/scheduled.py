@@ -60,7 +60,9 @@ def parse_tick(text: str) -> datetime:
             return datetime.fromtimestamp(float(t), tz=timezone.utc)
         dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
     except (ValueError, OverflowError):
-        raise ValueError(f"--tick {text!r}: give an ISO 8601 time like 2026-11-25T06:00:00Z, or Unix seconds") from None
+        raise ValueError(
+            f"--tick {text!r}: give an ISO 8601 time like 2026-11-25T06:00:00Z, or Unix seconds"
+        ) from None
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
 
 
@@ -83,7 +85,9 @@ def table_name(cfg) -> str:
     loaded = load_model(cfg.model, storage_options=cfg.in_options, cache_dir=cfg.model_cache)
     facts = model_facts(cfg, loaded)
     rev = (loaded.revision or "")[:12] or "sha256-" + loaded.content_hash[:12]
-    name = facts.spec.name.rstrip("/").rsplit("/", 1)[-1]  # a registry name, or a folder's or prefix's last part
+    name = facts.spec.name.rstrip("/").rsplit("/", 1)[
+        -1
+    ]  # a registry name, or a folder's or prefix's last part
     return re.sub(r"[^A-Za-z0-9._@-]+", "-", f"{name}@{rev}") + f"-{facts.config_hash}"
 
 
@@ -95,9 +99,11 @@ def cmd_tick(args: argparse.Namespace) -> int:
         start = floor_tick(parse_tick(args.tick), period_s)
         cfg = config_from_args(args)
         cfg = dataclasses.replace(
-            cfg, output=resolve_table(cfg.output, cfg.out_options),  # a root of tables: its current table
+            cfg,
+            output=resolve_table(cfg.output, cfg.out_options),  # a root of tables: its current table
             tick=tick_label(start, args.period),
-            run_id=cfg.run_id or f"tick-{start.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}")
+            run_id=cfg.run_id or f"tick-{start.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}",
+        )
         summary = run(cfg, log=log_to_stderr(not cfg.progress))
         if args.compact and summary.get("status") == "complete":
             _compact(cfg.output, cfg.out_options, cfg.lease_ttl_s, cfg.lease_wait_s)
@@ -108,8 +114,10 @@ def cmd_tick(args: argparse.Namespace) -> int:
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
     if getattr(args, "output", None):
-        print("error: reprocess writes to --tables-root/<model>@<revision>-<config>; do not give OUTPUT",
-              file=sys.stderr)
+        print(
+            "error: reprocess writes to --tables-root/<model>@<revision>-<config>; do not give OUTPUT",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     root = args.tables_root.rstrip("/")
 
@@ -148,9 +156,12 @@ def _compact(table: str, options: dict | None, ttl_s: float, wait_s: float) -> d
 
     t0 = time.time()
     out = FeatureTable(table, options).compact(ttl_s=ttl_s, wait_s=wait_s)
-    print(f"compact {table}: removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
-          f"dropped {out['superseded_rows_dropped']} hidden row(s), merged {out['merged_shards']} small shard(s) "
-          f"into {out['merged_into']} in {time.time() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"compact {table}: removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
+        f"dropped {out['superseded_rows_dropped']} hidden row(s), merged {out['merged_shards']} small shard(s) "
+        f"into {out['merged_into']} in {time.time() - t0:.1f} s",
+        file=sys.stderr,
+    )
     return out
 
 
@@ -167,13 +178,19 @@ def _options(args: argparse.Namespace) -> dict | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.scheduled", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.scheduled",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("tick", help="one incremental run for a schedule tick")
     add_run_arguments(t)
-    t.add_argument("--tick", required=True, help="the tick's time: ISO 8601 (UTC unless an offset is given) or "
-                   "Unix seconds; floored to --period")
+    t.add_argument(
+        "--tick",
+        required=True,
+        help="the tick's time: ISO 8601 (UTC unless an offset is given) or Unix seconds; floored to --period",
+    )
     t.add_argument("--period", default="1h", help="the schedule period: 15m, 1h, 1d, 1w ... (default 1h)")
     t.add_argument("--compact", action="store_true", help="compact the table after a complete tick")
     t.set_defaults(fn=cmd_tick)

@@ -5,7 +5,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def read_features(table: str, layer: int, storage_options: dict | None = None, columns: list[str] | None = None):
+def read_features(
+    table: str, layer: int, storage_options: dict | None = None, columns: list[str] | None = None
+):
     """One layer's committed rows as a pyarrow Table (no uncommitted, duplicate or superseded rows).
 
     `embedding` is a fixed_size_list<float32|float16>[dim] (frame granularity: a list of them per row).

@@ -117,13 +117,15 @@ class StreamResampler:
         n_blocks = (self._buf.size - self._klen) // self._orig + 1 if self._buf.size >= self._klen else 0
         if n_blocks <= 0:
             return np.zeros(0, dtype=np.float32)
-        windows = np.lib.stride_tricks.sliding_window_view(self._buf, self._klen)[:: self._orig]  # (blocks, klen)
+        windows = np.lib.stride_tricks.sliding_window_view(self._buf, self._klen)[
+            :: self._orig
+        ]  # (blocks, klen)
         out = np.empty((n_blocks, self._new), dtype=np.float32)
         step = max(1, (1 << 21) // (self._klen * 4))  # ~2 MB of gathered windows per product
         for i in range(0, n_blocks, step):
             j = min(n_blocks, i + step)
             np.matmul(windows[i:j], self._kernel_t, out=out[i:j])
-        self._buf = self._buf[n_blocks * self._orig:].copy()
+        self._buf = self._buf[n_blocks * self._orig :].copy()
         return out.reshape(-1)  # (n_blocks * new,)
 
     def push(self, x: np.ndarray) -> np.ndarray:
@@ -170,8 +172,11 @@ def _av_fault(uri: str, exc: BaseException, codec: str | None) -> InputFault:
     else:
         text = f"{type(exc).__name__}: {exc}"
     where = f" ({codec} decoder)" if codec else ""
-    return DecodeError(uri, f"cannot decode: {text}{where}",
-                       "the file is damaged or not in an audio format FFmpeg reads; re-export or replace it")
+    return DecodeError(
+        uri,
+        f"cannot decode: {text}{where}",
+        "the file is damaged or not in an audio format FFmpeg reads; re-export or replace it",
+    )
 
 
 def _frame_to_mono(frame: Any) -> np.ndarray:
@@ -184,8 +189,14 @@ def _frame_to_mono(frame: Any) -> np.ndarray:
     n = frame.samples
     ch = frame.layout.nb_channels
     name = fmt.packed.name
-    dtype = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int64, "flt": np.float32,
-             "dbl": np.float64}.get(name)
+    dtype = {
+        "u8": np.uint8,
+        "s16": np.int16,
+        "s32": np.int32,
+        "s64": np.int64,
+        "flt": np.float32,
+        "dbl": np.float64,
+    }.get(name)
     if dtype is None:
         raise ValueError(f"unsupported sample format {fmt.name}")
     if fmt.is_planar:
@@ -236,7 +247,9 @@ def _size_verdict(size: int, declared: int, what: str) -> str | None:
     if size < declared:
         return f"the file is cut short: its {what} header declares {declared} bytes, the file has {size}"
     if size > declared + 1:  # one pad byte is legal
-        return f"{size - declared} bytes of other data follow the audio (the {what} header declares {declared})"
+        return (
+            f"{size - declared} bytes of other data follow the audio (the {what} header declares {declared})"
+        )
     return None
 
 
@@ -293,7 +306,7 @@ def _ogg_tail(f: Any, size: int) -> str | None:
             return "the file is cut short: its last Ogg page is incomplete"
         nseg = tail[i + 26]
         if tail[i + 4] == 0:  # stream structure version 0: a real page header
-            end = i + 27 + nseg + sum(tail[i + 27: i + 27 + nseg])
+            end = i + 27 + nseg + sum(tail[i + 27 : i + 27 + nseg])
             if end > len(tail):
                 return "the file is cut short: its last Ogg page is incomplete"
             if end < len(tail):
@@ -333,8 +346,13 @@ class LocalDecoder:
     This is what the DecoderProcess child runs; read_segments(isolate=False) runs it directly.
     """
 
-    def __init__(self, uri: str, storage_options: dict | None = None, chunk_s: float = 2.0,
-                 time_limit_s: float | None = None):
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict | None = None,
+        chunk_s: float = 2.0,
+        time_limit_s: float | None = None,
+    ):
         import av
         import av.logging
 
@@ -358,8 +376,12 @@ class LocalDecoder:
             streams = self._container.streams.audio
             if not streams:
                 kinds = sorted({s.type for s in self._container.streams}) or ["none"]
-                raise NoAudioStream(uri, f"no audio stream in the {self._container.format.name} file "
-                                         f"(streams: {', '.join(kinds)})", "it is not an audio file; remove it")
+                raise NoAudioStream(
+                    uri,
+                    f"no audio stream in the {self._container.format.name} file "
+                    f"(streams: {', '.join(kinds)})",
+                    "it is not an audio file; remove it",
+                )
             self._stream = streams[0]
             cc = self._stream.codec_context
             cc.thread_count = 1  # one core per decode; no FFmpeg threads calling back into Python
@@ -370,23 +392,36 @@ class LocalDecoder:
                 # give the decoder a native layout with the same channel count (order is irrelevant to the mean)
                 cc.layout = _NATIVE_LAYOUTS[channels]
             if rate <= 0 or channels <= 0:
-                raise DecodeError(uri, f"cannot decode: the audio stream declares {rate} Hz and {channels} channels "
-                                       f"({cc.name} decoder)", "the header is damaged; re-export the file")
+                raise DecodeError(
+                    uri,
+                    f"cannot decode: the audio stream declares {rate} Hz and {channels} channels "
+                    f"({cc.name} decoder)",
+                    "the header is damaged; re-export the file",
+                )
             self._declared = None
             if self._stream.duration and self._stream.time_base:
                 self._declared = float(self._stream.duration * self._stream.time_base)
             elif self._container.duration:
                 self._declared = self._container.duration / 1_000_000
-            self.info = SourceInfo(uri=uri, sample_rate=rate, channels=channels, codec=cc.name,
-                                   container=self._container.format.name, duration_s=None)
+            self.info = SourceInfo(
+                uri=uri,
+                sample_rate=rate,
+                channels=channels,
+                codec=cc.name,
+                container=self._container.format.name,
+                duration_s=None,
+            )
         except BaseException:
             self.close()
             raise
 
     def _check_time(self) -> None:
         if self.time_limit_s is not None and time.monotonic() - self._t0 > self.time_limit_s:
-            raise DecodeTimeout(self.uri, f"decoding took longer than the limit of {self.time_limit_s:g} s",
-                                "raise the decode time limit, or check the file")
+            raise DecodeTimeout(
+                self.uri,
+                f"decoding took longer than the limit of {self.time_limit_s:g} s",
+                "raise the decode time limit, or check the file",
+            )
 
     def chunks(self) -> Iterator[np.ndarray]:
         """(n,) float32 mono chunks at info.sample_rate; sets info.duration_s/truncated/warning at the end."""
@@ -422,8 +457,11 @@ class LocalDecoder:
                         x = _frame_to_mono(frame)
                         if not np.isfinite(x).all():
                             bad = total + n_pending + int(np.argmin(np.isfinite(x)))
-                            raise NonFiniteAudio(uri, f"non-finite samples (NaN or inf) at {bad / info.sample_rate:.3f} s",
-                                                 "the file's float samples are corrupt; re-export it")
+                            raise NonFiniteAudio(
+                                uri,
+                                f"non-finite samples (NaN or inf) at {bad / info.sample_rate:.3f} s",
+                                "the file's float samples are corrupt; re-export it",
+                            )
                         pending.append(x)
                         n_pending += x.size
                     if n_pending >= target:
@@ -458,10 +496,15 @@ class LocalDecoder:
             reasons.append(f"decoding stopped at {info.duration_s:.2f} s: {text} ({info.codec} decoder)")
         if total == 0:
             if logged:
-                raise DecodeError(uri, f"cannot decode: {logged[0].lower()} ({info.codec} decoder)",
-                                  "the file is damaged or not audio; re-export or replace it")
+                raise DecodeError(
+                    uri,
+                    f"cannot decode: {logged[0].lower()} ({info.codec} decoder)",
+                    "the file is damaged or not audio; re-export or replace it",
+                )
             raise EmptyAudio(uri, "the audio stream holds no samples", "re-export the file")
-        if self._declared and info.duration_s < self._declared - max(_SHORTFALL_S, _SHORTFALL_FRAC * self._declared):
+        if self._declared and info.duration_s < self._declared - max(
+            _SHORTFALL_S, _SHORTFALL_FRAC * self._declared
+        ):
             reasons.append(f"decoded {info.duration_s:.2f} s of the {self._declared:.2f} s the file declares")
         tail = _tail_check(self._file, self._size, info.container)
         if tail:
@@ -497,7 +540,9 @@ class SegmentStream:
     and TooShort when the recording yields no segment."""
 
     def __init__(self, source: Any, uri: str, sample_rate: int, segments: SegmentConfig):
-        self._source = source  # LocalDecoder or the DecoderProcess's remote source: .info, .chunks(), .close()
+        self._source = (
+            source  # LocalDecoder or the DecoderProcess's remote source: .info, .chunks(), .close()
+        )
         self.uri = uri
         self.sample_rate = sample_rate
         self.segment_config = segments
@@ -522,8 +567,12 @@ class SegmentStream:
                 yield seg
             if self.num_segments == 0:
                 dur = self.info.duration_s or 0.0
-                raise TooShort(self.uri, f"decoded {dur:.3f} s of audio, shorter than the minimum segment of "
-                                         f"{self.segment_config.min_segment_s:g} s", "nothing to embed")
+                raise TooShort(
+                    self.uri,
+                    f"decoded {dur:.3f} s of audio, shorter than the minimum segment of "
+                    f"{self.segment_config.min_segment_s:g} s",
+                    "nothing to embed",
+                )
         finally:
             self.close()
 
@@ -540,9 +589,17 @@ class SegmentStream:
         self.close()
 
 
-def read_segments(uri: str, *, sample_rate: int, segments: SegmentConfig, storage_options: dict | None = None,
-                  isolate: bool = True, time_limit_s: float = 600.0, decoder: DecoderProcess | None = None,
-                  chunk_s: float = 2.0) -> SegmentStream:
+def read_segments(
+    uri: str,
+    *,
+    sample_rate: int,
+    segments: SegmentConfig,
+    storage_options: dict | None = None,
+    isolate: bool = True,
+    time_limit_s: float = 600.0,
+    decoder: DecoderProcess | None = None,
+    chunk_s: float = 2.0,
+) -> SegmentStream:
     """Open `uri` (plain path, file://, s3://, gs://, az://) and return a SegmentStream of its segments: mono
     (mean over channels), resampled to `sample_rate` Hz, cut by `segments` (pipeline.segments rule).
 
@@ -561,8 +618,14 @@ def read_segments(uri: str, *, sample_rate: int, segments: SegmentConfig, storag
     return SegmentStream(source, uri, sample_rate, segments)
 
 
-def decode_audio(uri: str, *, sample_rate: int | None = None, storage_options: dict | None = None,
-                 isolate: bool = False, time_limit_s: float = 600.0) -> tuple[np.ndarray, SourceInfo]:
+def decode_audio(
+    uri: str,
+    *,
+    sample_rate: int | None = None,
+    storage_options: dict | None = None,
+    isolate: bool = False,
+    time_limit_s: float = 600.0,
+) -> tuple[np.ndarray, SourceInfo]:
     """The whole recording as (N,) float32 mono at `sample_rate` Hz (None = the source rate), and its SourceInfo.
     For tests, benchmarks and parity checks: holds the whole recording in memory."""
     if isolate:
@@ -580,4 +643,3 @@ def decode_audio(uri: str, *, sample_rate: int | None = None, storage_options: d
     finally:
         source.close()
     return np.concatenate(parts).astype(np.float32, copy=False), info
-

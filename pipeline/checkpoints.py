@@ -115,8 +115,15 @@ def _data2vec_config(spec: ModelSpec) -> dict:
     from transformers import Data2VecAudioConfig
 
     cfg = Data2VecAudioConfig().to_dict()
-    for k in ("transformers_version", "output_hidden_states", "return_dict", "dtype", "output_attentions",
-              "id2label", "label2id"):
+    for k in (
+        "transformers_version",
+        "output_hidden_states",
+        "return_dict",
+        "dtype",
+        "output_attentions",
+        "id2label",
+        "label2id",
+    ):
         cfg.pop(k, None)
     cfg.update(
         _name_or_path=spec.hub_id,
@@ -132,7 +139,9 @@ def _data2vec_config(spec: ModelSpec) -> dict:
     return cfg
 
 
-def checkpoint_config(like: str = "MERT-v1-95M", size: str = "full", config_overrides: dict | None = None) -> dict:
+def checkpoint_config(
+    like: str = "MERT-v1-95M", size: str = "full", config_overrides: dict | None = None
+) -> dict:
     """The config.json dict `write_random_checkpoint` writes."""
     if like not in REGISTRY:
         raise ValueError(f"like={like!r} is not a registry name: one of {sorted(REGISTRY)}")

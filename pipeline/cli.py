@@ -13,9 +13,19 @@ from pipeline.errors import PipelineError, RunInterrupted
 # (flag, RunConfig field, type, help). The run options are stated once: `mert-pipeline run` and jobs/extract.py
 # both build their parser from this table.
 RUN_OPTIONS: list[tuple[str, str, object, str]] = [
-    ("--model", "model", str, "registry name (see `models`), hub id[@revision], local folder or s3://... prefix"),
+    (
+        "--model",
+        "model",
+        str,
+        "registry name (see `models`), hub id[@revision], local folder or s3://... prefix",
+    ),
     ("--glob", "glob", str, "pattern below the input prefix, e.g. '**/*.flac'"),
-    ("--extensions", "extensions", str, "comma-separated suffixes to keep when listing (default: common audio)"),
+    (
+        "--extensions",
+        "extensions",
+        str,
+        "comma-separated suffixes to keep when listing (default: common audio)",
+    ),
     ("--layers", "layers", str, "hidden states to keep, e.g. 6,7,12 or 0-4 (default: all)"),
     ("--window", "window_s", float, "segment window in seconds (default 5.0)"),
     ("--hop", "hop_s", float, "hop between segment starts in seconds (default: = window)"),
@@ -30,26 +40,55 @@ RUN_OPTIONS: list[tuple[str, str, object, str]] = [
     ("--cpus-per-actor", "cpus_per_actor", float, "cores per CPU actor (default: all but one)"),
     ("--decode-workers", "decode_workers", int, "concurrent decode tasks (default: as the cluster allows)"),
     ("--storage-options", "storage_options", json.loads, "fsspec options for the input, as JSON"),
-    ("--output-storage-options", "output_storage_options", json.loads, "fsspec options for the output (JSON)"),
+    (
+        "--output-storage-options",
+        "output_storage_options",
+        json.loads,
+        "fsspec options for the output (JSON)",
+    ),
     ("--model-cache", "model_cache", str, "where remote checkpoints are staged on each node"),
     ("--address", "address", str, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
     ("--max-error-rate", "max_error_rate", float, "stop when this fraction of inputs fail (default 0.5)"),
-    ("--error-rate-min-inputs", "error_rate_min_inputs", int, "... once this many were processed (default 20)"),
+    (
+        "--error-rate-min-inputs",
+        "error_rate_min_inputs",
+        int,
+        "... once this many were processed (default 20)",
+    ),
     ("--decode-timeout", "decode_timeout_s", float, "one input's decode time limit, seconds (default 600)"),
-    ("--commit-interval", "commit_interval_s", float, "commit a shard at least this often, seconds (default 60)"),
-    ("--shard-max-recordings", "shard_max_recordings", int, "commit after this many recordings (default 2000)"),
+    (
+        "--commit-interval",
+        "commit_interval_s",
+        float,
+        "commit a shard at least this often, seconds (default 60)",
+    ),
+    (
+        "--shard-max-recordings",
+        "shard_max_recordings",
+        int,
+        "commit after this many recordings (default 2000)",
+    ),
     ("--shard-max-mb", "shard_max_mb", float, "commit after this much embedding data, MB (default 512)"),
     ("--lease-ttl", "lease_ttl_s", float, "the table lease expires this long after its last renewal (120)"),
     ("--lease-wait", "lease_wait_s", float, "wait this long for another run's lease (default 0: refuse)"),
     ("--run-id", "run_id", str, "run id (default: UTC time + random suffix)"),
-    ("--max-delete-fraction", "max_delete_fraction", float,
-     "with --mirror-deletions: refuse to tombstone more than this fraction of the table at once (0.5)"),
+    (
+        "--max-delete-fraction",
+        "max_delete_fraction",
+        float,
+        "with --mirror-deletions: refuse to tombstone more than this fraction of the table at once (0.5)",
+    ),
 ]
-RUN_FLAGS = [("--manifest", "manifest", "INPUT is a Parquet/CSV manifest with a `uri` column"),
-             ("--retry-errors", "retry_errors", "reprocess inputs whose last row is a permanent error"),
-             ("--dry-run", "dry_run", "list the work and estimate audio hours, output size and time"),
-             ("--mirror-deletions", "mirror_deletions",
-              "tombstone recordings whose input is gone from the listing: readers hide them, compact drops them")]
+RUN_FLAGS = [
+    ("--manifest", "manifest", "INPUT is a Parquet/CSV manifest with a `uri` column"),
+    ("--retry-errors", "retry_errors", "reprocess inputs whose last row is a permanent error"),
+    ("--dry-run", "dry_run", "list the work and estimate audio hours, output size and time"),
+    (
+        "--mirror-deletions",
+        "mirror_deletions",
+        "tombstone recordings whose input is gone from the listing: readers hide them, compact drops them",
+    ),
+]
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,8 +99,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
     for flag, dest, text in RUN_FLAGS:
         p.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
-    p.add_argument("--normalize", dest="normalize", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                   help="normalize each segment to zero mean, unit variance (default: as the checkpoint says)")
+    p.add_argument(
+        "--normalize",
+        dest="normalize",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help="normalize each segment to zero mean, unit variance (default: as the checkpoint says)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -90,10 +134,16 @@ def print_summary(s: dict, out=None) -> None:
     c = s.get("counts", {})
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(c.get("errors_by_kind", {}).items())) or "none"
     print(f"run {s['run_id']}: {s['status']}", file=out)
-    print(f"  inputs: {c.get('ok', 0)} ok, {c.get('error', 0)} error ({kinds}), {c.get('too_short', 0)} too short, "
-          f"{c.get('skipped', 0)} skipped (of {c.get('listed', 0)} listed)", file=out)
-    print(f"  audio: {s.get('audio_hours', 0):.4f} h in {s.get('wall_s', 0):.1f} s wall "
-          f"= {s.get('audio_s_per_s') or 0:.1f} audio s per s; {s.get('shards', 0)} shard(s) committed", file=out)
+    print(
+        f"  inputs: {c.get('ok', 0)} ok, {c.get('error', 0)} error ({kinds}), {c.get('too_short', 0)} too short, "
+        f"{c.get('skipped', 0)} skipped (of {c.get('listed', 0)} listed)",
+        file=out,
+    )
+    print(
+        f"  audio: {s.get('audio_hours', 0):.4f} h in {s.get('wall_s', 0):.1f} s wall "
+        f"= {s.get('audio_s_per_s') or 0:.1f} audio s per s; {s.get('shards', 0)} shard(s) committed",
+        file=out,
+    )
     if s.get("stop_reason"):
         print(f"  stopped: {s['stop_reason']}", file=out)
 
@@ -114,16 +164,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def print_plan(p: dict) -> None:
-    print(f"dry run: {p['inputs_to_process']} input(s) to process, {p['skipped']} skipped, "
-          f"of {p['inputs_listed']} listed")
+    print(
+        f"dry run: {p['inputs_to_process']} input(s) to process, {p['skipped']} skipped, "
+        f"of {p['inputs_listed']} listed"
+    )
     for uri in p["work"][:20]:
         print(f"  {uri}")
     if len(p["work"]) > 20:
         print(f"  ... and {len(p['work']) - 20} more")
     print(f"  estimated audio: {p['estimated_audio_hours']:.3f} h ({p['input_bytes'] / 1e6:.1f} MB of input)")
     print(f"  estimated output: {p['estimated_output_bytes'] / 1e6:.1f} MB")
-    print(f"  model speed on this machine's CPU: {p['model_audio_s_per_s_on_this_machine_cpu']} audio s/s per actor "
-          f"-> about {p['estimated_hours_at_that_rate_per_actor']} h with one CPU actor ({p['note']})")
+    print(
+        f"  model speed on this machine's CPU: {p['model_audio_s_per_s_on_this_machine_cpu']} audio s/s per actor "
+        f"-> about {p['estimated_hours_at_that_rate_per_actor']} h with one CPU actor ({p['note']})"
+    )
 
 
 def cmd_read(args: argparse.Namespace) -> int:
@@ -137,8 +191,10 @@ def cmd_read(args: argparse.Namespace) -> int:
         pq.write_table(data, args.out, compression="zstd")
         print(f"wrote {data.num_rows} rows of layer {args.layer} to {args.out}")
     else:
-        print(f"layer {args.layer}: {data.num_rows} rows, {len(set(data.column('recording_id').to_pylist()))} "
-              f"recordings; schema: {data.schema.field('embedding').type}")
+        print(
+            f"layer {args.layer}: {data.num_rows} rows, {len(set(data.column('recording_id').to_pylist()))} "
+            f"recordings; schema: {data.schema.field('embedding').type}"
+        )
         print(data.drop_columns(["embedding"]).slice(0, args.limit).to_pandas().to_string())
     return 0
 
@@ -153,19 +209,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     cfg, prov = info["config"], info["provenance"] or {}
     print(f"table {info['table']}  (configuration {info['config_hash']})")
-    print(f"  model: {prov.get('model')} hub={prov.get('hub_id')} revision={prov.get('revision')} "
-          f"content={prov.get('model_content_hash', '')[:16]}")
-    print(f"  window {cfg['window_s']} s, hop {cfg['hop_s']} s, min segment {cfg['min_segment_s']} s, "
-          f"granularity {cfg['granularity']}, normalize {cfg['normalize']}, compute {cfg['compute_dtype']}, "
-          f"storage {cfg['storage_dtype']}")
+    print(
+        f"  model: {prov.get('model')} hub={prov.get('hub_id')} revision={prov.get('revision')} "
+        f"content={prov.get('model_content_hash', '')[:16]}"
+    )
+    print(
+        f"  window {cfg['window_s']} s, hop {cfg['hop_s']} s, min segment {cfg['min_segment_s']} s, "
+        f"granularity {cfg['granularity']}, normalize {cfg['normalize']}, compute {cfg['compute_dtype']}, "
+        f"storage {cfg['storage_dtype']}"
+    )
     print(f"  layers: {info['layers']}  rows per layer: {info['rows_per_layer']}")
-    print(f"  recordings: {info['recordings']} by status {info['recordings_by_status']}; errors by kind "
-          f"{info['errors_by_kind']}; {info['audio_hours_ok']} audio h ok")
+    print(
+        f"  recordings: {info['recordings']} by status {info['recordings_by_status']}; errors by kind "
+        f"{info['errors_by_kind']}; {info['audio_hours_ok']} audio h ok"
+    )
     for r in info["runs"]:
         print(f"  run {r['run_id']}: {r['status']} {r['started_at']} -> {r['finished_at']} {r['counts']}")
     if info["lease"]:
-        print(f"  lease held by run {info['lease']['run_id']} on {info['lease']['host']}"
-              + (" (expired)" if info["lease"]["expired"] else ""))
+        print(
+            f"  lease held by run {info['lease']['run_id']} on {info['lease']['host']}"
+            + (" (expired)" if info["lease"]["expired"] else "")
+        )
     return 0
 
 
@@ -175,10 +239,15 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
     t = FeatureTable(args.table, json.loads(args.storage_options) if args.storage_options else None)
     # under the table's lease: never beside a running run's commits
     out = t.compact(wait_s=args.lease_wait, merge=args.command == "compact")
-    print(f"removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
-          f"dropped {out['superseded_rows_dropped']} superseded row(s)"
-          + (f", merged {out['merged_shards']} small shard(s) into {out['merged_into']}" if out["merged_shards"]
-             else ""))
+    print(
+        f"removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
+        f"dropped {out['superseded_rows_dropped']} superseded row(s)"
+        + (
+            f", merged {out['merged_shards']} small shard(s) into {out['merged_into']}"
+            if out["merged_shards"]
+            else ""
+        )
+    )
     return 0
 
 
@@ -188,8 +257,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'name':16} {'hub id':24} {'rate':>6} {'frames/s':>8} {'states':>6} {'dim':>5}  architecture")
     for s in REGISTRY.values():
         arch = f"{s.family}, {'pre-LN' if s.pre_ln else 'post-LN'}"
-        print(f"{s.name:16} {s.hub_id:24} {s.sample_rate:>6} {s.frame_rate:>8g} {s.num_hidden_states:>6} "
-              f"{s.dim:>5}  {arch}")
+        print(
+            f"{s.name:16} {s.hub_id:24} {s.sample_rate:>6} {s.frame_rate:>8g} {s.num_hidden_states:>6} "
+            f"{s.dim:>5}  {arch}"
+        )
     return 0
 
 
@@ -211,7 +282,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(DEMO_BANNER, file=sys.stderr)
     audio, model, table = root / "audio", root / "random-MERT-v1-95M", root / "table"
     if not (model / "config.json").exists():
-        print(f"[demo] writing a random-weight MERT-v1-95M checkpoint (hub layout) to {model}", file=sys.stderr)
+        print(
+            f"[demo] writing a random-weight MERT-v1-95M checkpoint (hub layout) to {model}", file=sys.stderr
+        )
         write_random_checkpoint(model, like="MERT-v1-95M", size="full", seed=0)
     if not audio.exists():
         print(f"[demo] generating {args.files} music-like audio files in {audio}", file=sys.stderr)
@@ -230,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="embed every input into the feature table (or --dry-run)")
     add_run_arguments(r)
     r.set_defaults(fn=cmd_run)
-    for name, fn, text in (("inspect", cmd_inspect, "what a table holds"),
-                           ("vacuum", cmd_vacuum, "delete uncommitted files, superseded and tombstoned rows"),
-                           ("compact", cmd_vacuum, "vacuum, then merge small shards into larger files"),
-                           ("read", cmd_read, "one layer's committed rows")):
+    for name, fn, text in (
+        ("inspect", cmd_inspect, "what a table holds"),
+        ("vacuum", cmd_vacuum, "delete uncommitted files, superseded and tombstoned rows"),
+        ("compact", cmd_vacuum, "vacuum, then merge small shards into larger files"),
+        ("read", cmd_read, "one layer's committed rows"),
+    ):
         s = sub.add_parser(name, help=text)
         s.add_argument("table")
         s.add_argument("--storage-options", help="fsspec options as JSON")
@@ -244,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inspect":
             s.add_argument("--json", action="store_true")
         if name in ("vacuum", "compact"):
-            s.add_argument("--lease-wait", type=float, default=0.0, help="wait this long for a running run's lease")
+            s.add_argument(
+                "--lease-wait", type=float, default=0.0, help="wait this long for a running run's lease"
+            )
         s.set_defaults(fn=fn)
     m = sub.add_parser("models", help="the model registry")
     m.set_defaults(fn=cmd_models)

@@ -18,7 +18,9 @@ class SegmentConfig:
         if not (isinstance(self.window_s, (int, float)) and 0 < self.window_s <= 600):
             raise ValueError(f"window_s={self.window_s!r}: must be a number of seconds in (0, 600]")
         if self.hop_s is not None and not (isinstance(self.hop_s, (int, float)) and self.hop_s > 0):
-            raise ValueError(f"hop_s={self.hop_s!r}: must be a positive number of seconds (or unset = window_s)")
+            raise ValueError(
+                f"hop_s={self.hop_s!r}: must be a positive number of seconds (or unset = window_s)"
+            )
         if not (isinstance(self.min_segment_s, (int, float)) and 0 < self.min_segment_s <= self.window_s):
             raise ValueError(
                 f"min_segment_s={self.min_segment_s!r}: must be positive and at most window_s={self.window_s}"
@@ -33,7 +35,19 @@ GRANULARITIES = ("segment", "recording", "frame")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 STORAGE_DTYPES = ("float32", "float16")
 AUDIO_EXTENSIONS = (
-    ".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".aif", ".aiff", ".wma", ".webm",
+    ".wav",
+    ".flac",
+    ".mp3",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".m4a",
+    ".aac",
+    ".mp4",
+    ".aif",
+    ".aiff",
+    ".wma",
+    ".webm",
 )
 
 
@@ -44,7 +58,9 @@ class RunConfig:
     input: str  # a prefix/folder/file (any fsspec URI), or a manifest (.csv/.parquet) when `manifest` is true
     output: str  # the feature table's root (any fsspec URI)
     model: str = "MERT-v1-95M"  # registry name, hub id[@revision], local directory, or object-storage prefix
-    manifest: bool = False  # input is a Parquet/CSV manifest with a `uri` column (and optional `recording_id`)
+    manifest: bool = (
+        False  # input is a Parquet/CSV manifest with a `uri` column (and optional `recording_id`)
+    )
     glob: str | None = None  # pattern below the prefix, e.g. "**/*.flac"; default: every file, recursively
     extensions: tuple[str, ...] = AUDIO_EXTENSIONS  # kept when listing a prefix (case-insensitive); () = all
     layers: tuple[int, ...] | None = None  # hidden-state indices to keep; None = all
@@ -76,7 +92,9 @@ class RunConfig:
     lease_wait_s: float = 0.0  # wait this long for another run's lease before giving up
     run_id: str | None = None  # default: UTC time + random suffix
     mirror_deletions: bool = False  # inputs gone from the listing get a tombstone row: readers hide them
-    max_delete_fraction: float = 0.5  # ... but refuse to tombstone more than this fraction of the table at once
+    max_delete_fraction: float = (
+        0.5  # ... but refuse to tombstone more than this fraction of the table at once
+    )
     tick: str | None = None  # a schedule tick label (jobs.scheduled): a tick already complete does nothing
     dry_run: bool = False
     progress: bool = True
@@ -90,7 +108,9 @@ class RunConfig:
         if not isinstance(self.output, str) or not self.output:
             raise bad("output", "give a folder or a prefix URI for the feature table")
         if not isinstance(self.model, str) or not self.model:
-            raise bad("model", "give a registry name (see `mert-pipeline models`), a hub id, a folder or a URI")
+            raise bad(
+                "model", "give a registry name (see `mert-pipeline models`), a hub id, a folder or a URI"
+            )
         self.segment_config()  # validates window_s, hop_s, min_segment_s
         if self.granularity not in GRANULARITIES:
             raise bad("granularity", f"must be one of {', '.join(GRANULARITIES)}")
@@ -139,8 +159,11 @@ class RunConfig:
 
     @property
     def out_options(self) -> dict:
-        return dict(self.output_storage_options if self.output_storage_options is not None
-                    else (self.storage_options or {}))
+        return dict(
+            self.output_storage_options
+            if self.output_storage_options is not None
+            else (self.storage_options or {})
+        )
 
     @property
     def in_options(self) -> dict:
@@ -177,7 +200,9 @@ def load_yaml(path: str) -> dict:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except OSError as exc:
-        raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc}); give the path of a YAML file") from None
+        raise ValueError(
+            f"--config {path}: cannot read it ({exc.strerror or exc}); give the path of a YAML file"
+        ) from None
     except yaml.YAMLError as exc:
         raise ValueError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):

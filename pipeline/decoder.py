@@ -116,8 +116,18 @@ def _child_main() -> None:
         try:
             dec = LocalDecoder(uri, req.get("storage_options"), chunk_s=req.get("chunk_s", 2.0))
             info = dec.info
-            _send(proto_out, b"H", json.dumps({"sample_rate": info.sample_rate, "channels": info.channels,
-                                               "codec": info.codec, "container": info.container}).encode())
+            _send(
+                proto_out,
+                b"H",
+                json.dumps(
+                    {
+                        "sample_rate": info.sample_rate,
+                        "channels": info.channels,
+                        "codec": info.codec,
+                        "container": info.container,
+                    }
+                ).encode(),
+            )
             first = True
             for chunk in dec.chunks():
                 _send(proto_out, b"C", np.ascontiguousarray(chunk, dtype="<f4").tobytes())
@@ -126,15 +136,39 @@ def _child_main() -> None:
                     for a in ("crash_after", "hang_after"):
                         if acts.get(a):
                             _act(a)
-            _send(proto_out, b"E", json.dumps({"duration_s": info.duration_s, "truncated": info.truncated,
-                                               "warning": info.warning}).encode())
+            _send(
+                proto_out,
+                b"E",
+                json.dumps(
+                    {"duration_s": info.duration_s, "truncated": info.truncated, "warning": info.warning}
+                ).encode(),
+            )
         except InputFault as fault:
-            _send(proto_out, b"F", json.dumps({"fault": type(fault).__name__, "uri": fault.uri,
-                                               "cause": fault.cause, "hint": fault.hint}).encode())
+            _send(
+                proto_out,
+                b"F",
+                json.dumps(
+                    {
+                        "fault": type(fault).__name__,
+                        "uri": fault.uri,
+                        "cause": fault.cause,
+                        "hint": fault.hint,
+                    }
+                ).encode(),
+            )
         except Exception as exc:  # noqa: BLE001 - anything else is this input's decode failure
-            _send(proto_out, b"F", json.dumps({"fault": "DecodeError", "uri": uri,
-                                               "cause": f"decoder failed: {type(exc).__name__}: {exc}",
-                                               "hint": None}).encode())
+            _send(
+                proto_out,
+                b"F",
+                json.dumps(
+                    {
+                        "fault": "DecodeError",
+                        "uri": uri,
+                        "cause": f"decoder failed: {type(exc).__name__}: {exc}",
+                        "hint": None,
+                    }
+                ).encode(),
+            )
         finally:
             if dec is not None:
                 dec.close()
@@ -169,8 +203,14 @@ class _RemoteSource:
         if kind != b"H":
             raise proc._protocol_error(uri, kind)
         h = json.loads(payload)
-        self.info = SourceInfo(uri=uri, sample_rate=int(h["sample_rate"]), channels=int(h["channels"]),
-                               codec=str(h["codec"]), container=str(h["container"]), duration_s=None)
+        self.info = SourceInfo(
+            uri=uri,
+            sample_rate=int(h["sample_rate"]),
+            channels=int(h["channels"]),
+            codec=str(h["codec"]),
+            container=str(h["container"]),
+            duration_s=None,
+        )
 
     def chunks(self) -> Iterator[np.ndarray]:
         while not self._done:
@@ -229,9 +269,15 @@ class DecoderProcess:
             self._stderr = tempfile.TemporaryFile()
         self._stderr.seek(0)
         self._stderr.truncate()
-        self._proc = subprocess.Popen([sys.executable, "-m", "pipeline.decoder"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr, env=env, close_fds=True,
-                                      bufsize=0)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.decoder"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+            close_fds=True,
+            bufsize=0,
+        )
         self._rbuf = bytearray()
         if self._started:
             self.restarts += 1
@@ -272,7 +318,9 @@ class DecoderProcess:
     def _protocol_error(self, uri: str, kind: bytes) -> InputFault:
         self._kill()
         self._busy = False
-        return DecoderCrashed(uri, f"decoder process sent an unexpected message {kind!r}", "a rerun retries it")
+        return DecoderCrashed(
+            uri, f"decoder process sent an unexpected message {kind!r}", "a rerun retries it"
+        )
 
     def _read_exact(self, n: int, src: _RemoteSource) -> bytes:
         proc = self._proc
@@ -312,8 +360,11 @@ class DecoderProcess:
             cause = f"decoding took longer than the limit of {src.time_limit_s:g} s"
         else:
             cause = f"the decoder made no progress for {self.stall_s:g} s"
-        return DecodeTimeout(src.uri, cause + "; the decoder process was stopped",
-                             "the file may make the decoder hang; check or replace it, or raise the limit")
+        return DecodeTimeout(
+            src.uri,
+            cause + "; the decoder process was stopped",
+            "the file may make the decoder hang; check or replace it, or raise the limit",
+        )
 
     def _crashed(self, src: _RemoteSource, proc: subprocess.Popen | None) -> InputFault:
         code = None
@@ -337,14 +388,22 @@ class DecoderProcess:
         return DecoderCrashed(src.uri, cause, "the file crashes the decoder; check or replace it")
 
     # -- public
-    def open(self, uri: str, *, storage_options: dict | None = None, time_limit_s: float = 600.0,
-             chunk_s: float = 2.0) -> _RemoteSource:
+    def open(
+        self,
+        uri: str,
+        *,
+        storage_options: dict | None = None,
+        time_limit_s: float = 600.0,
+        chunk_s: float = 2.0,
+    ) -> _RemoteSource:
         """Start decoding `uri` in the child. Returns a source with `.info` (SourceInfo, duration filled in at
         the end), `.chunks()` (mono float32 at the source rate) and `.close()`. Raises InputFault subclasses."""
         with self._lock:
             if self._busy:
-                raise RuntimeError("DecoderProcess is decoding another input: finish or close it first, or use "
-                                   "one DecoderProcess per concurrent stream")
+                raise RuntimeError(
+                    "DecoderProcess is decoding another input: finish or close it first, or use "
+                    "one DecoderProcess per concurrent stream"
+                )
             self._busy = True
         req = pickle.dumps({"uri": uri, "storage_options": storage_options, "chunk_s": chunk_s})
         for attempt in range(2):
@@ -358,8 +417,11 @@ class DecoderProcess:
                 self._kill()
                 if attempt == 1:
                     self._busy = False
-                    raise DecoderCrashed(uri, "the decoder process could not be started", "check the Python "
-                                         "environment (python -m pipeline.decoder)") from None
+                    raise DecoderCrashed(
+                        uri,
+                        "the decoder process could not be started",
+                        "check the Python environment (python -m pipeline.decoder)",
+                    ) from None
         try:
             return _RemoteSource(self, uri, time_limit_s)
         except BaseException:

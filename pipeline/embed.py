@@ -61,7 +61,9 @@ class Embedder:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
         if dtype != "float32" and self.device.type != "cuda":
-            raise ValueError(f"dtype {dtype!r} needs a CUDA device (device is {self.device}); use float32 on CPU")
+            raise ValueError(
+                f"dtype {dtype!r} needs a CUDA device (device is {self.device}); use float32 on CPU"
+            )
 
         self.loaded = loaded
         self.spec: ModelSpec = loaded.spec
@@ -72,8 +74,10 @@ class Embedder:
             chosen = tuple(int(i) for i in layers)
             bad = [i for i in chosen if i not in valid]
             if not chosen or bad or len(set(chosen)) != len(chosen):
-                raise ValueError(f"layers {list(layers)} must be distinct hidden-state indices in "
-                                 f"0..{self.spec.num_layers} for {self.spec.name}")
+                raise ValueError(
+                    f"layers {list(layers)} must be distinct hidden-state indices in "
+                    f"0..{self.spec.num_layers} for {self.spec.name}"
+                )
         self.layers: tuple[int, ...] = chosen
         self.granularity = granularity
         self.dtype = COMPUTE_DTYPES[dtype]
@@ -85,8 +89,9 @@ class Embedder:
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
         num_layers = len(self.model.encoder.layers)
         if num_layers != self.spec.num_layers:
-            raise ValueError(f"{self.spec.name}: the model has {num_layers} layers, the spec says "
-                             f"{self.spec.num_layers}")
+            raise ValueError(
+                f"{self.spec.name}: the model has {num_layers} layers, the spec says {self.spec.num_layers}"
+            )
         # pre-LN: the last entry is the final layer norm of the last layer's output, so it needs every layer
         self._final_norm = self.spec.pre_ln and num_layers in self.layers
         self._run_layers = num_layers if self._final_norm else max(self.layers)
@@ -101,7 +106,9 @@ class Embedder:
         m = self.model
         feats = m.feature_extractor(x).transpose(1, 2)  # (B, T, C)
         proj = m.feature_projection(feats)
-        h = proj[0] if isinstance(proj, tuple) else proj  # (B, T, D); data2vec also returns the normed features
+        h = (
+            proj[0] if isinstance(proj, tuple) else proj
+        )  # (B, T, D); data2vec also returns the normed features
         enc = m.encoder
         h = h + enc.pos_conv_embed(h)
         if not self.spec.pre_ln:
@@ -128,8 +135,10 @@ class Embedder:
             raise ValueError(f"waveforms must be a non-empty (batch, samples) array, got shape {w.shape}")
         n = w.shape[1]
         if self.frames(n) == 0:
-            raise ValueError(f"a segment of {n} samples is shorter than the conv front end's receptive field: "
-                             f"{self.spec.name} needs at least one frame ({self.spec.sample_rate} Hz input)")
+            raise ValueError(
+                f"a segment of {n} samples is shorter than the conv front end's receptive field: "
+                f"{self.spec.name} needs at least one frame ({self.spec.sample_rate} Hz input)"
+            )
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.device)  # (B, N)
             if self.normalize:  # per segment, population variance, in float32
@@ -161,7 +170,7 @@ class Embedder:
         out: list[np.ndarray | None] = [None] * len(segments)
         for idxs in groups.values():
             for start in range(0, len(idxs), batch_size):
-                chunk = idxs[start:start + batch_size]
+                chunk = idxs[start : start + batch_size]
                 result = self.embed(np.stack([np.asarray(segments[i], dtype=np.float32) for i in chunk]))
                 for j, i in enumerate(chunk):
                     out[i] = result[j]

@@ -84,7 +84,8 @@ def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
         "model": spec.name,
         "hub_id": spec.hub_id,
         "revision": loaded.revision,
-        "model_source": loaded.source if "://" not in loaded.source or loaded.source.startswith("file://")
+        "model_source": loaded.source
+        if "://" not in loaded.source or loaded.source.startswith("file://")
         else loaded.source.split("?")[0],
         "sample_rate": spec.sample_rate,
         "frame_rate": spec.frame_rate,
@@ -105,8 +106,11 @@ def select_work(items: list[InputItem], latest: pa.Table, retry_errors: bool) ->
     known = {}
     if latest.num_rows:
         for rid, fp, status, retryable in zip(
-            latest.column("recording_id").to_pylist(), latest.column("fingerprint").to_pylist(),
-            latest.column("status").to_pylist(), latest.column("retryable").to_pylist(), strict=True,
+            latest.column("recording_id").to_pylist(),
+            latest.column("fingerprint").to_pylist(),
+            latest.column("status").to_pylist(),
+            latest.column("retryable").to_pylist(),
+            strict=True,
         ):
             known[rid] = (fp, status, retryable)
     todo, skipped = [], 0
@@ -127,7 +131,9 @@ def list_work(cfg: RunConfig) -> list[InputItem]:
     if cfg.manifest:
         items = read_manifest(cfg.input, storage_options=cfg.in_options)
     else:
-        items = list_inputs(cfg.input, glob=cfg.glob, extensions=cfg.extensions, storage_options=cfg.in_options)
+        items = list_inputs(
+            cfg.input, glob=cfg.glob, extensions=cfg.extensions, storage_options=cfg.in_options
+        )
     if not items:
         raise PipelineError(
             f"no inputs found in {cfg.input}"
@@ -144,9 +150,11 @@ def systemic_failure(first: list[dict], total: int) -> str | None:
     kinds = {r.get("error_kind") for r in first}
     if any(r["status"] != "error" for r in first) or len(kinds) != 1 or not kinds <= set(SYSTEMIC_KINDS):
         return None
-    return (f"the first {len(first)} inputs all failed to be read ({first[0]['error_kind']}): "
-            f"{first[0]['error_message']}. This looks systemic (credentials, permissions, endpoint), not a bad "
-            "file: fix it and rerun")
+    return (
+        f"the first {len(first)} inputs all failed to be read ({first[0]['error_kind']}): "
+        f"{first[0]['error_message']}. This looks systemic (credentials, permissions, endpoint), not a bad "
+        "file: fix it and rerun"
+    )
 
 
 # ---- assembling whole recordings on the driver ---------------------------------------------------------------
@@ -207,8 +215,9 @@ class ShardWriter:
     def __init__(self, table: FeatureTable, run_id: str, facts: ModelFacts, cfg: RunConfig, log: Log):
         self.table, self.run_id, self.facts, self.cfg, self.log = table, run_id, facts, cfg, log
         self.schema = feature_schema(facts.spec.dim, cfg.storage_dtype, cfg.granularity)
-        self.metadata = {f"mert.{k}": json.dumps(v) if not isinstance(v, str) else v
-                         for k, v in facts.provenance.items()}
+        self.metadata = {
+            f"mert.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in facts.provenance.items()
+        }
         self.shard = 0
         self.records: list[dict] = []
         self.segments: list[pa.Table] = []
@@ -226,9 +235,18 @@ class ShardWriter:
 
     def tombstone(self, previous: dict, reason: str) -> None:
         """A ledger row that hides a recording whose input is gone (its newest row was `previous`)."""
-        self.records.append({"recording_id": previous["recording_id"], "uri": previous["uri"],
-                             "fingerprint": previous["fingerprint"], "status": "deleted", "error_kind": None,
-                             "retryable": False, "error_message": reason, "segments": 0})
+        self.records.append(
+            {
+                "recording_id": previous["recording_id"],
+                "uri": previous["uri"],
+                "fingerprint": previous["fingerprint"],
+                "status": "deleted",
+                "error_kind": None,
+                "retryable": False,
+                "error_message": reason,
+                "segments": 0,
+            }
+        )
 
     def _pool_recording(self, segs: pa.Table) -> pa.Table:
         """Segment vectors -> one recording vector per layer, weighted by frame counts."""
@@ -245,7 +263,9 @@ class ShardWriter:
             col = segs.column(layer_column(layer)).combine_chunks()
             vecs = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
             mean = weighted_mean(vecs, w).astype(vecs.dtype)
-            cols[layer_column(layer)] = pa.FixedSizeListArray.from_arrays(pa.array(mean, col.type.value_type), dim)
+            cols[layer_column(layer)] = pa.FixedSizeListArray.from_arrays(
+                pa.array(mean, col.type.value_type), dim
+            )
         return pa.table(cols)
 
     def due(self) -> bool:
@@ -261,18 +281,25 @@ class ShardWriter:
         now = time.time_ns()
         layers = {}
         if self.segments:
-            allsegs = pa.concat_tables(self.segments).sort_by([("recording_id", "ascending"),
-                                                               ("segment", "ascending")])
+            allsegs = pa.concat_tables(self.segments).sort_by(
+                [("recording_id", "ascending"), ("segment", "ascending")]
+            )
             n = allsegs.num_rows
             for layer in self.facts.layers:
-                cols = [allsegs.column(c) for c in ("recording_id", "segment", "start_s", "duration_s", "n_frames")]
+                cols = [
+                    allsegs.column(c)
+                    for c in ("recording_id", "segment", "start_s", "duration_s", "n_frames")
+                ]
                 if self.cfg.granularity == "frame":
                     cols.append(pa.array(np.full(n, self.facts.spec.frame_rate)))
-                cols += [allsegs.column(layer_column(layer)),
-                         pa.array([self.run_id] * n, pa.string()), pa.array(np.full(n, self.shard, np.int32))]
-                layers[layer] = pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, self.schema,
-                                                                                        strict=True)],
-                                                     schema=self.schema)
+                cols += [
+                    allsegs.column(layer_column(layer)),
+                    pa.array([self.run_id] * n, pa.string()),
+                    pa.array(np.full(n, self.shard, np.int32)),
+                ]
+                layers[layer] = pa.Table.from_arrays(
+                    [c.cast(f.type) for c, f in zip(cols, self.schema, strict=True)], schema=self.schema
+                )
         ledger_rows = []
         for r in self.records:
             row = {f.name: r.get(f.name) for f in LEDGER_SCHEMA}
@@ -300,7 +327,9 @@ def connect(cfg: RunConfig, log: Log):
         else:
             ray.init(logging_level="WARNING", include_dashboard=False)
     except Exception as exc:  # noqa: BLE001 - systemic
-        raise PipelineError(f"cannot start or join Ray ({address or 'local'}): {type(exc).__name__}: {exc}") from None
+        raise PipelineError(
+            f"cannot start or join Ray ({address or 'local'}): {type(exc).__name__}: {exc}"
+        ) from None
     return ray
 
 
@@ -325,11 +354,14 @@ def place(cfg: RunConfig, ray, log: Log = _stderr) -> Placement:
         raise PipelineError(
             f"num_gpus={want}, but the cluster has {gpus} GPU(s)"
             + (f" after waiting {cfg.gpu_wait_s:.0f} s" if cfg.gpu_wait_s > 0 else "")
-            + ": lower num_gpus, or give GPU nodes time to join with --gpu-wait SECONDS")
+            + ": lower num_gpus, or give GPU nodes time to join with --gpu-wait SECONDS"
+        )
     if want > 0:
         return Placement("cuda", want, 1.0, 1.0, 1, cfg.decode_workers)
     if cfg.compute_dtype != "float32":
-        raise PipelineError(f"compute_dtype={cfg.compute_dtype} needs a GPU; this cluster has none (use float32)")
+        raise PipelineError(
+            f"compute_dtype={cfg.compute_dtype} needs a GPU; this cluster has none (use float32)"
+        )
     actors = cfg.num_actors or 1
     # Leave at least one core to the decode tasks, or the dataset hangs with every CPU held by actors.
     per = cfg.cpus_per_actor or max(1.0, math.floor(max(1, cpus - 1) / actors))
@@ -415,7 +447,8 @@ class Attempts:
 
         here = ray.get_runtime_context().get_node_id()
         handle = _Counter.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+        ).remote()
         return cls(handle)
 
     def begin(self, key: str) -> int:
@@ -441,8 +474,14 @@ class Attempts:
             pass
 
 
-def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], placement: Placement,
-                  attempts: Attempts | None = None):
+def build_dataset(
+    ray,
+    cfg: RunConfig,
+    facts: ModelFacts,
+    todo: list[InputItem],
+    placement: Placement,
+    attempts: Attempts | None = None,
+):
     import warnings
 
     import ray.data
@@ -462,13 +501,21 @@ def build_dataset(ray, cfg: RunConfig, facts: ModelFacts, todo: list[InputItem],
     # ... and a bound on what waits in the object store: decoding outruns a CPU actor ~40x, and under Ray's default
     # budget (half the object store) a 60-minute input queued all of its audio (~345 MB at 24 kHz), a catalog
     # up to that budget. Room for 4 embed calls per actor, inputs and outputs, is plenty to keep actors fed.
-    out_row = len(facts.layers) * facts.spec.dim * 4 * (
-        math.ceil(seg.window_s * facts.spec.frame_rate) if cfg.granularity == "frame" else 1)
+    out_row = (
+        len(facts.layers)
+        * facts.spec.dim
+        * 4
+        * (math.ceil(seg.window_s * facts.spec.frame_rate) if cfg.granularity == "frame" else 1)
+    )
     ahead = max(256 << 20, placement.actors * 4 * embed_rows * (window_bytes + out_row))
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=ahead)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=ahead
+    )
     # Ray 2.60 has no named parameter for max_restarts / max_task_retries / max_retries, and warns about the
     # free-form remote args that carry them (announced for removal in 2.64). Bounded beats infinite: keep them.
-    warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning
+    )
     items = [{"uri": i.uri, "recording_id": i.recording_id, "fingerprint": i.fingerprint} for i in todo]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
     ds = ds.map_batches(
@@ -611,8 +658,15 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
         latest = table.ledger(latest=True) if meta is not None else LEDGER_SCHEMA.empty_table()
         todo, skipped = select_work(items, latest, cfg.retry_errors)
         gone = _gone(items, latest) if cfg.mirror_deletions else []
-        return {"run_id": None, "status": "dry_run", "inputs_listed": len(items), "skipped": skipped,
-                "to_tombstone": len(gone), "work": [i.uri for i in todo], **estimate(cfg, facts, todo, loaded, log)}
+        return {
+            "run_id": None,
+            "status": "dry_run",
+            "inputs_listed": len(items),
+            "skipped": skipped,
+            "to_tombstone": len(gone),
+            "work": [i.uri for i in todo],
+            **estimate(cfg, facts, todo, loaded, log),
+        }
     del loaded
     table.check_writable()
     # The lease first, then the ledger: a run that waited for another one's lease sees what that run committed.
@@ -625,14 +679,37 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             raise
         if done:
             table.release_lease()
-            log(f"[mert] tick {cfg.tick} is already complete in {cfg.output} (run {done[0]['run_id']}): nothing to do")
-            return {"run_id": None, "status": "noop", "tick": cfg.tick, "done_by": done[0]["run_id"],
-                    "counts": {"listed": len(items)}}
-    counts = {"listed": len(items), "skipped": 0, "processed": 0, "ok": 0, "error": 0, "too_short": 0,
-              "deleted": 0, "errors_by_kind": {}, "truncated": 0}
-    summary = {"run_id": run_id, "status": "running", "started_at": _now(), "tick": cfg.tick,
-               "config": cfg.public_dict(), "config_hash": facts.config_hash, "provenance": facts.provenance,
-               "counts": counts}
+            log(
+                f"[mert] tick {cfg.tick} is already complete in {cfg.output} (run {done[0]['run_id']}): nothing to do"
+            )
+            return {
+                "run_id": None,
+                "status": "noop",
+                "tick": cfg.tick,
+                "done_by": done[0]["run_id"],
+                "counts": {"listed": len(items)},
+            }
+    counts = {
+        "listed": len(items),
+        "skipped": 0,
+        "processed": 0,
+        "ok": 0,
+        "error": 0,
+        "too_short": 0,
+        "deleted": 0,
+        "errors_by_kind": {},
+        "truncated": 0,
+    }
+    summary = {
+        "run_id": run_id,
+        "status": "running",
+        "started_at": _now(),
+        "tick": cfg.tick,
+        "config": cfg.public_dict(),
+        "config_hash": facts.config_hash,
+        "provenance": facts.provenance,
+        "counts": counts,
+    }
     audio_s = 0.0
     writer = beat = attempts = None
     signals = _Signals()
@@ -655,7 +732,8 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                 raise PipelineError(
                     f"{len(gone)} of the table's {live} recordings are no longer listed in {cfg.input}: more "
                     f"than --max-delete-fraction {cfg.max_delete_fraction:.0%}. Nothing was tombstoned. Check "
-                    "the input (a mistyped prefix lists nothing of the catalog), or raise the fraction")
+                    "the input (a mistyped prefix lists nothing of the catalog), or raise the fraction"
+                )
             with signals.hold():
                 for row in gone:
                     writer.tombstone(row, f"{row['uri']}: no longer listed in {cfg.input} (run {run_id})")
@@ -663,8 +741,10 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                 writer.commit()
             if gone:
                 log(f"[mert] tombstoned {len(gone)} recording(s) whose input is gone")
-        log(f"[mert] run {run_id}: {len(todo)} to process, {counts['skipped']} skipped (already in the "
-            f"table), model {facts.spec.name}, layers {list(facts.layers)}")
+        log(
+            f"[mert] run {run_id}: {len(todo)} to process, {counts['skipped']} skipped (already in the "
+            f"table), model {facts.spec.name}, layers {list(facts.layers)}"
+        )
         if todo:
             ray = connect(cfg, log)
             signals.install()  # again: starting Ray's core worker puts its own (aborting) SIGTERM handler in place
@@ -677,8 +757,9 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             assembler = Assembler()
             first: list[dict] = []
             stop_reason = None
-            beat = _Heartbeat(lambda: _progress_line(counts, len(todo), audio_s, t0), log,
-                              every=10.0 if cfg.progress else 0)
+            beat = _Heartbeat(
+                lambda: _progress_line(counts, len(todo), audio_s, t0), log, every=10.0 if cfg.progress else 0
+            )
             # prefetch_batches=0: each block reaches the driver when its task finishes. Ray's prefetcher
             # holds finished blocks back until it has more of them (with 2, a short run delivered everything
             # at the end), which delays commits and progress; the executor keeps running either way.
@@ -704,15 +785,19 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                             stop_reason = systemic_failure(first, len(todo))
                             if stop_reason:
                                 break
-                        if (counts["processed"] >= cfg.error_rate_min_inputs
-                                and counts["error"] / counts["processed"] > cfg.max_error_rate):
+                        if (
+                            counts["processed"] >= cfg.error_rate_min_inputs
+                            and counts["error"] / counts["processed"] > cfg.max_error_rate
+                        ):
                             stop_reason = (
                                 f"error rate {counts['error']}/{counts['processed']} passed the limit "
                                 f"{cfg.max_error_rate:.0%} (errors by kind: {counts['errors_by_kind']}); "
                                 "the finished work is committed. Check the inputs, or raise --max-error-rate"
                             )
                             break
-                    if not stop_reason and writer.due():  # the interval also passes while blocks are in flight
+                    if (
+                        not stop_reason and writer.due()
+                    ):  # the interval also passes while blocks are in flight
                         writer.commit()
                 if stop_reason or signals.received:
                     break
@@ -735,8 +820,10 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             if writer is not None:
                 writer.commit()
         summary["status"] = "interrupted"
-        summary["stop_reason"] = (f"{exc.signame} received: the run stopped at a commit boundary with "
-                                  f"{counts['processed']} input(s) committed; rerun to resume")
+        summary["stop_reason"] = (
+            f"{exc.signame} received: the run stopped at a commit boundary with "
+            f"{counts['processed']} input(s) committed; rerun to resume"
+        )
     except BaseException as exc:
         summary["status"] = "failed"
         summary["error"] = f"{type(exc).__name__}: {exc}"
@@ -749,7 +836,9 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                 attempts.close()
             wall = time.time() - t0
             summary.update(
-                finished_at=_now(), wall_s=round(wall, 3), audio_hours=round(audio_s / 3600, 6),
+                finished_at=_now(),
+                wall_s=round(wall, 3),
+                audio_hours=round(audio_s / 3600, 6),
                 audio_s_per_s=round(audio_s / wall, 3) if wall > 0 else None,
                 shards=writer.shard if writer else 0,
                 timings=_steady(timings),
@@ -829,9 +918,11 @@ class _Signals:
 
 def _progress_line(counts: dict, total: int, audio_s: float, t0: float) -> str:
     el = time.time() - t0
-    return (f"[mert] {counts['processed']}/{total} inputs done ({counts['ok']} ok, {counts['error']} error, "
-            f"{counts['too_short']} too short), {audio_s / 3600:.3f} audio h in {el:.0f} s, "
-            f"{audio_s / max(el, 1e-9):.1f} audio s/s")
+    return (
+        f"[mert] {counts['processed']}/{total} inputs done ({counts['ok']} ok, {counts['error']} error, "
+        f"{counts['too_short']} too short), {audio_s / 3600:.3f} audio h in {el:.0f} s, "
+        f"{audio_s / max(el, 1e-9):.1f} audio s/s"
+    )
 
 
 class _Heartbeat:
@@ -885,8 +976,12 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__,
-            "pyarrow": pyarrow.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
 
 
 def _table_meta(cfg: RunConfig, facts: ModelFacts) -> dict:

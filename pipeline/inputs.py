@@ -81,7 +81,9 @@ def list_inputs(
     except FileNotFoundError:
         raise PipelineError(f"input {source} does not exist: check the path or bucket name") from None
     except PermissionError as exc:
-        raise PipelineError(f"input {source}: access denied ({type(exc).__name__}); check the credentials") from None
+        raise PipelineError(
+            f"input {source}: access denied ({type(exc).__name__}); check the credentials"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any listing failure is systemic
         raise PipelineError(f"cannot list input {source}: {type(exc).__name__}: {exc}") from None
     exts = tuple(e.lower() for e in extensions)
@@ -90,7 +92,7 @@ def list_inputs(
     for path, info in sorted(infos.items()):
         if info.get("type", "file") != "file":
             continue
-        rel = path[len(base):].lstrip("/") if path.startswith(base) else os.path.basename(path)
+        rel = path[len(base) :].lstrip("/") if path.startswith(base) else os.path.basename(path)
         parts = rel.split("/") if rel else [os.path.basename(path)]
         if any(p.startswith((".", "_")) for p in parts):
             continue
@@ -120,7 +122,9 @@ def read_manifest(manifest: str, *, storage_options: dict | None = None) -> list
     except Exception as exc:  # noqa: BLE001
         raise PipelineError(f"cannot read manifest {manifest}: {type(exc).__name__}: {exc}") from None
     if "uri" not in table.column_names:
-        raise PipelineError(f"manifest {manifest} has no `uri` column (columns: {', '.join(table.column_names)})")
+        raise PipelineError(
+            f"manifest {manifest} has no `uri` column (columns: {', '.join(table.column_names)})"
+        )
     uris = [str(u) for u in table.column("uri").to_pylist()]
     ids = (
         [str(i) for i in table.column("recording_id").to_pylist()]
@@ -147,4 +151,3 @@ def read_manifest(manifest: str, *, storage_options: dict | None = None) -> list
         except PermissionError:
             raise PipelineError(f"manifest input {uri}: access denied; check the credentials") from None
     return items
-

@@ -38,7 +38,10 @@ CHECKPOINT_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, *WEIGHT_FILES)
 
 # Weight-norm parameter names of the positional conv: transformers <= 4.2x (which wrote the published files)
 # used torch.nn.utils.weight_norm; newer versions use the parametrizations API.
-WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+WEIGHT_NORM_NAMES = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
 
 # Used only at training time (SpecAugment); some exports omit it. Never influences inference.
 OPTIONAL_KEYS = ("masked_spec_embed",)
@@ -51,10 +54,25 @@ REFUSED_SWITCHES = {
 
 # Generic PretrainedConfig entries that describe the saving context, not the architecture.
 _CONFIG_DROP = {
-    "architectures", "auto_map", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
-    "output_hidden_states", "output_attentions", "return_dict", "tie_last_hidden_states", "id2label",
-    "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "num_feat_extract_layers",
-    "_attn_implementation", "attn_implementation",
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "tie_last_hidden_states",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "num_feat_extract_layers",
+    "_attn_implementation",
+    "attn_implementation",
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -118,13 +136,15 @@ class _Ref:
 
 def _parse_ref(ref: str) -> _Ref:
     if not isinstance(ref, str) or not ref.strip():
-        raise ModelLoadError(f"model reference {ref!r} is empty: give a registry name ({', '.join(REGISTRY)}), "
-                             "a hub id, a local directory or an object-storage prefix")
+        raise ModelLoadError(
+            f"model reference {ref!r} is empty: give a registry name ({', '.join(REGISTRY)}), "
+            "a hub id, a local directory or an object-storage prefix"
+        )
     ref = ref.strip()
     scheme = scheme_of(ref)
     if scheme != "file":
         return _Ref("remote", canonical_uri(ref).rstrip("/"), None, None)
-    path = ref[len("file://"):] if ref.startswith("file://") else ref
+    path = ref[len("file://") :] if ref.startswith("file://") else ref
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         return _Ref("local", path, None, None)
@@ -142,7 +162,9 @@ def _parse_ref(ref: str) -> _Ref:
 
 def default_cache_dir() -> str:
     """Where remote checkpoints are staged: $MERT_PIPELINE_CACHE or ~/.cache/mert-pipeline/models."""
-    return os.environ.get(_ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "mert-pipeline", "models")
+    return os.environ.get(_ENV_CACHE) or os.path.join(
+        os.path.expanduser("~"), ".cache", "mert-pipeline", "models"
+    )
 
 
 def resolve_model_dir(
@@ -170,10 +192,14 @@ def _hub_error(parsed: _Ref, exc: BaseException) -> ModelLoadError:
 
     what = parsed.target + (f"@{parsed.revision}" if parsed.revision else "")
     if isinstance(exc, RevisionNotFoundError):
-        return ModelLoadError(f"{what}: the hub has no revision {parsed.revision!r}: check the branch, tag or commit")
+        return ModelLoadError(
+            f"{what}: the hub has no revision {parsed.revision!r}: check the branch, tag or commit"
+        )
     if isinstance(exc, (RepositoryNotFoundError, GatedRepoError)):
-        return ModelLoadError(f"{what}: the hub refuses or has no such repository ({type(exc).__name__}): "
-                              "check the id and the HF_TOKEN")
+        return ModelLoadError(
+            f"{what}: the hub refuses or has no such repository ({type(exc).__name__}): "
+            "check the id and the HF_TOKEN"
+        )
     return ModelLoadError(
         f"{what}: the model hub is unreachable and the checkpoint is not in the local hub cache "
         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Clusters often cannot reach "
@@ -219,20 +245,25 @@ def _list_remote(uri: str, storage_options: dict | None) -> tuple[object, str, d
         fs.invalidate_cache(root)  # a re-uploaded checkpoint must be seen as changed
         entries = fs.ls(root, detail=True)
     except FileNotFoundError as exc:
-        raise ModelLoadError(f"{uri}: no such prefix: check the URI (it must hold {CONFIG_FILE} and the weights)") \
-            from exc
+        raise ModelLoadError(
+            f"{uri}: no such prefix: check the URI (it must hold {CONFIG_FILE} and the weights)"
+        ) from exc
     except Exception as exc:
         msg = redact(f"{type(exc).__name__}: {exc}", secrets)
-        raise ModelLoadError(f"{uri}: cannot list the checkpoint prefix ({msg}): check the URI, the "
-                             "credentials and the storage options") from exc
+        raise ModelLoadError(
+            f"{uri}: cannot list the checkpoint prefix ({msg}): check the URI, the "
+            "credentials and the storage options"
+        ) from exc
     files = {}
     for e in entries:
         name = e.get("name", "").rstrip("/").rsplit("/", 1)[-1]
         if e.get("type") == "file" and name in CHECKPOINT_FILES:
             files[name] = e
     if CONFIG_FILE not in files:
-        raise ModelLoadError(f"{uri}: no {CONFIG_FILE} under this prefix: a checkpoint directory holds "
-                             f"{CONFIG_FILE}, {PREPROCESSOR_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}")
+        raise ModelLoadError(
+            f"{uri}: no {CONFIG_FILE} under this prefix: a checkpoint directory holds "
+            f"{CONFIG_FILE}, {PREPROCESSOR_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}"
+        )
     return fs, root, files
 
 
@@ -240,11 +271,21 @@ def _stage_remote(uri: str, storage_options: dict | None, cache_dir: str) -> str
     fs, root, files = _list_remote(uri, storage_options)
     weight = next((w for w in WEIGHT_FILES if w in files), None)
     if weight is None:
-        raise ModelLoadError(f"{uri}: no weights file under this prefix: expected {SAFETENSORS_FILE} or {BIN_FILE}")
+        raise ModelLoadError(
+            f"{uri}: no weights file under this prefix: expected {SAFETENSORS_FILE} or {BIN_FILE}"
+        )
     wanted = [n for n in (CONFIG_FILE, PREPROCESSOR_FILE, weight) if n in files]
     fingerprint = [
-        (n, int(files[n].get("size") or 0),
-         str(files[n].get("ETag") or files[n].get("etag") or files[n].get("mtime") or files[n].get("LastModified")))
+        (
+            n,
+            int(files[n].get("size") or 0),
+            str(
+                files[n].get("ETag")
+                or files[n].get("etag")
+                or files[n].get("mtime")
+                or files[n].get("LastModified")
+            ),
+        )
         for n in wanted
     ]
     key = hashlib.sha256(json.dumps([uri, fingerprint]).encode()).hexdigest()[:32]
@@ -273,8 +314,10 @@ def _stage_remote(uri: str, storage_options: dict | None, cache_dir: str) -> str
             except Exception as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 msg = redact(f"{type(exc).__name__}: {exc}", _secrets(storage_options))
-                raise ModelLoadError(f"{uri}: cannot stage the checkpoint into {cache_dir} ({msg}): check the "
-                                     "storage options and the free disk space") from exc
+                raise ModelLoadError(
+                    f"{uri}: cannot stage the checkpoint into {cache_dir} ({msg}): check the "
+                    "storage options and the free disk space"
+                ) from exc
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return final
@@ -298,8 +341,10 @@ def _read_json(path: str) -> dict:
 def _local_configs(local_dir: str) -> tuple[dict, dict | None]:
     cfg_path = os.path.join(local_dir, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
-        raise ModelLoadError(f"{local_dir}: no {CONFIG_FILE}: a checkpoint directory holds {CONFIG_FILE}, "
-                             f"{PREPROCESSOR_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}")
+        raise ModelLoadError(
+            f"{local_dir}: no {CONFIG_FILE}: a checkpoint directory holds {CONFIG_FILE}, "
+            f"{PREPROCESSOR_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}"
+        )
     pre_path = os.path.join(local_dir, PREPROCESSOR_FILE)
     return _read_json(cfg_path), (_read_json(pre_path) if os.path.isfile(pre_path) else None)
 
@@ -325,8 +370,10 @@ def _check_config(config: dict, where: str) -> str:
 def _spec(config: dict, preprocessor: dict | None, parsed: _Ref, where: str) -> ModelSpec:
     rate = (preprocessor or {}).get("sampling_rate")
     if config.get("sample_rate") and rate and int(config["sample_rate"]) != int(rate):
-        raise ModelLoadError(f"{where}: config.json sample_rate {config['sample_rate']} disagrees with "
-                             f"{PREPROCESSOR_FILE} sampling_rate {rate}: fix the checkpoint")
+        raise ModelLoadError(
+            f"{where}: config.json sample_rate {config['sample_rate']} disagrees with "
+            f"{PREPROCESSOR_FILE} sampling_rate {rate}: fix the checkpoint"
+        )
     name = parsed.registered.name if parsed.registered else parsed.target
     try:
         spec = spec_from_config(name, config, rate)
@@ -359,7 +406,9 @@ def read_model_config(
         fs, root, files = _list_remote(parsed.target, storage_options)
         try:
             config = json.loads(fs.cat_file(f"{root}/{CONFIG_FILE}"))
-            pre = json.loads(fs.cat_file(f"{root}/{PREPROCESSOR_FILE}")) if PREPROCESSOR_FILE in files else None
+            pre = (
+                json.loads(fs.cat_file(f"{root}/{PREPROCESSOR_FILE}")) if PREPROCESSOR_FILE in files else None
+            )
         except Exception as exc:
             msg = redact(f"{type(exc).__name__}: {exc}", _secrets(storage_options))
             raise ModelLoadError(f"{parsed.target}: cannot read the checkpoint configs ({msg})") from exc
@@ -381,20 +430,25 @@ def build_model(config: dict, where: str = "config.json") -> torch.nn.Module:
     from transformers.initialization import no_init_weights
 
     family = _check_config(config, where)
-    cfg_cls, model_cls = (HubertConfig, HubertModel) if family == "hubert" else (Data2VecAudioConfig,
-                                                                                 Data2VecAudioModel)
+    cfg_cls, model_cls = (
+        (HubertConfig, HubertModel) if family == "hubert" else (Data2VecAudioConfig, Data2VecAudioModel)
+    )
     allowed = _config_fields(cfg_cls)
     kwargs = {k: v for k, v in config.items() if k in allowed}
     try:
         cfg = cfg_cls(**kwargs, attn_implementation="sdpa")
         groups = cfg.num_conv_pos_embedding_groups
         if cfg.hidden_size % groups or cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"hidden_size {cfg.hidden_size} must be divisible by num_conv_pos_embedding_groups "
-                             f"{groups} and num_attention_heads {cfg.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {cfg.hidden_size} must be divisible by num_conv_pos_embedding_groups "
+                f"{groups} and num_attention_heads {cfg.num_attention_heads}"
+            )
         with no_init_weights():
             model = model_cls(cfg)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{where}: config.json does not describe a buildable {family} model: {exc}") from exc
+        raise ModelLoadError(
+            f"{where}: config.json does not describe a buildable {family} model: {exc}"
+        ) from exc
     return model.eval()
 
 
@@ -414,8 +468,9 @@ def weights_path(local_dir: str) -> str:
         if os.path.isfile(path):
             return path
     present = sorted(os.listdir(local_dir)) if os.path.isdir(local_dir) else []
-    raise ModelLoadError(f"{local_dir}: no weights file: expected {SAFETENSORS_FILE} or {BIN_FILE} "
-                         f"(found {present[:10]})")
+    raise ModelLoadError(
+        f"{local_dir}: no weights file: expected {SAFETENSORS_FILE} or {BIN_FILE} (found {present[:10]})"
+    )
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -426,7 +481,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(path, device="cpu")
         except Exception as exc:
-            raise ModelLoadError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+            raise ModelLoadError(
+                f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -436,8 +493,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             "holds more than tensors; it is never unpickled in full. Re-save the model's state dict "
             f"(or convert it to {SAFETENSORS_FILE}) from a trusted environment"
         ) from exc
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in obj.items()):
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
         keys = list(obj)[:6] if isinstance(obj, dict) else []
         raise ModelLoadError(
             f"{path}: not a plain state dict of tensors (a {type(obj).__name__}"
@@ -452,7 +510,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> 
     model_keys = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") + "."
     if prefix != "." and state and all(k.startswith(prefix) for k in state) and not (set(state) & model_keys):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     uses_param = any(k.endswith(WEIGHT_NORM_NAMES["weight_g"]) for k in model_keys)
     out = {}
     for k, v in state.items():
@@ -482,13 +540,20 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
             parts.append(f"{len(missing)} missing keys {missing[:5]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys {unexpected[:5]}")
-        raise ModelLoadError(f"{path}: the weights do not fit the model config.json describes: "
-                             + "; ".join(parts) + ": the config and the weights must come from the same checkpoint")
-    bad = [f"{k} {tuple(state[k].shape)} (model expects {tuple(v.shape)})" for k, v in expected.items()
-           if tuple(state[k].shape) != tuple(v.shape)]
+        raise ModelLoadError(
+            f"{path}: the weights do not fit the model config.json describes: "
+            + "; ".join(parts)
+            + ": the config and the weights must come from the same checkpoint"
+        )
+    bad = [
+        f"{k} {tuple(state[k].shape)} (model expects {tuple(v.shape)})"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
     if bad:
-        raise ModelLoadError(f"{path}: {len(bad)} tensors have the wrong shape for the model config.json "
-                             f"describes: {bad[:5]}")
+        raise ModelLoadError(
+            f"{path}: {len(bad)} tensors have the wrong shape for the model config.json describes: {bad[:5]}"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -513,8 +578,9 @@ def content_hash(local_dir: str) -> str:
     with _HASH_LOCK:
         if key in _HASHES:
             return _HASHES[key]
-    side = os.path.join(default_cache_dir(), ".hashes",
-                        hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32])
+    side = os.path.join(
+        default_cache_dir(), ".hashes", hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+    )
     try:
         with open(side) as f:
             digest = f.read().strip()
@@ -566,8 +632,10 @@ def load_model(ref: str, storage_options: dict | None = None, cache_dir: str | N
     model = model.to(device="cpu", dtype=torch.float32).eval()
     layers = len(model.encoder.layers) + 1
     if layers != spec.num_hidden_states or model.config.hidden_size != spec.dim:
-        raise ModelLoadError(f"{where}: the built model has {layers} hidden states of width "
-                             f"{model.config.hidden_size}, the spec says {spec.num_hidden_states} x {spec.dim}")
+        raise ModelLoadError(
+            f"{where}: the built model has {layers} hidden states of width "
+            f"{model.config.hidden_size}, the spec says {spec.num_hidden_states} x {spec.dim}"
+        )
     return LoadedModel(
         spec=spec,
         model=model,

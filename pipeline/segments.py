@@ -107,7 +107,7 @@ class Segmenter:
 
     def _make(self, start: int, length: int) -> Segment:
         off = start - self._buf_start
-        samples = np.array(self._buf[off: off + length], dtype=np.float32, copy=True)
+        samples = np.array(self._buf[off : off + length], dtype=np.float32, copy=True)
         seg = Segment(
             index=self._index,
             start_s=start / self.sample_rate,

@@ -52,9 +52,14 @@ def _segment_table(rid: str, segs: list) -> pa.Table:
 
 def _record_table(rid: str, record: dict) -> pa.Table:
     return pa.Table.from_arrays(
-        [pa.array([rid]), pa.array([-1], pa.int32()), pa.array([None], pa.float64()),
-         pa.array([None], pa.float64()), pa.nulls(1, pa.large_list(pa.float32())),
-         pa.array([json.dumps(record)])],
+        [
+            pa.array([rid]),
+            pa.array([-1], pa.int32()),
+            pa.array([None], pa.float64()),
+            pa.array([None], pa.float64()),
+            pa.nulls(1, pa.large_list(pa.float32())),
+            pa.array([json.dumps(record)]),
+        ],
         schema=DECODE_SCHEMA,
     )
 
@@ -86,16 +91,33 @@ def decode_input(
     from pipeline.decoder import injected
 
     record = {
-        "recording_id": recording_id, "uri": uri, "fingerprint": fingerprint, "status": "ok",
-        "error_kind": None, "retryable": False, "error_message": None, "truncated": False, "warning": None,
-        "duration_s": None, "sample_rate": None, "channels": None, "codec": None, "segments": 0,
+        "recording_id": recording_id,
+        "uri": uri,
+        "fingerprint": fingerprint,
+        "status": "ok",
+        "error_kind": None,
+        "retryable": False,
+        "error_message": None,
+        "truncated": False,
+        "warning": None,
+        "duration_s": None,
+        "sample_rate": None,
+        "channels": None,
+        "codec": None,
+        "segments": 0,
     }
     died = attempts.begin(recording_id) if attempts is not None else 0
     if died >= crash_limit:
-        record.update(status="error", error_kind="worker_crash", error_message=(
-            f"{uri}: the worker process died {died} times while reading this input (a crash inside a decoding "
-            "library, or memory exhausted); it is recorded as an error so the run can finish. Check the file; "
-            "rerun with --retry-errors to try it again"), sent=0)
+        record.update(
+            status="error",
+            error_kind="worker_crash",
+            error_message=(
+                f"{uri}: the worker process died {died} times while reading this input (a crash inside a decoding "
+                "library, or memory exhausted); it is recorded as an error so the run can finish. Check the file; "
+                "rerun with --retry-errors to try it again"
+            ),
+            sent=0,
+        )
         attempts.end(recording_id)
         yield _record_table(recording_id, record)
         return
@@ -105,8 +127,12 @@ def decode_input(
     stream = None
     try:
         stream = read_segments(
-            uri, sample_rate=sample_rate, segments=segments, storage_options=storage_options,
-            isolate=isolate, time_limit_s=time_limit_s,  # isolated: this thread's reused decoder child
+            uri,
+            sample_rate=sample_rate,
+            segments=segments,
+            storage_options=storage_options,
+            isolate=isolate,
+            time_limit_s=time_limit_s,  # isolated: this thread's reused decoder child
         )
         with stream:
             pending = []
@@ -122,16 +148,30 @@ def decode_input(
     except TooShort as exc:
         record.update(status="too_short", error_kind=None, error_message=str(exc))
     except InputFault as exc:
-        record.update(status="error", error_kind=exc.kind, retryable=bool(exc.transient), error_message=str(exc))
+        record.update(
+            status="error", error_kind=exc.kind, retryable=bool(exc.transient), error_message=str(exc)
+        )
     except Exception as exc:  # noqa: BLE001 - an unexpected fault on one input is still that input's row
-        record.update(status="error", error_kind="internal", retryable=False,
-                      error_message=f"{uri}: unexpected {type(exc).__name__}: {exc}")
+        record.update(
+            status="error",
+            error_kind="internal",
+            retryable=False,
+            error_message=f"{uri}: unexpected {type(exc).__name__}: {exc}",
+        )
     info = getattr(stream, "info", None)
     if info is not None:
-        record.update(duration_s=info.duration_s, sample_rate=info.sample_rate, channels=info.channels,
-                      codec=info.codec, truncated=bool(info.truncated), warning=info.warning)
+        record.update(
+            duration_s=info.duration_s,
+            sample_rate=info.sample_rate,
+            channels=info.channels,
+            codec=info.codec,
+            truncated=bool(info.truncated),
+            warning=info.warning,
+        )
     if record["status"] == "ok" and count == 0:  # the stream ended without the too_short signal
-        record.update(status="too_short", error_message=f"{uri}: no segment of at least {segments.min_segment_s} s")
+        record.update(
+            status="too_short", error_message=f"{uri}: no segment of at least {segments.min_segment_s} s"
+        )
     # `sent`: segment rows already on their way (the driver waits for them, then drops them when the input
     # failed midway: an error row has no features).
     record["sent"] = count
@@ -178,8 +218,13 @@ class EmbedStage:
             torch.set_num_threads(threads)
         self.loaded = load_model(model, storage_options=storage_options, cache_dir=cache_dir)
         self.embedder = Embedder(
-            self.loaded, layers=layers, granularity=granularity, device=device, dtype=compute_dtype,
-            out_dtype=storage_dtype, normalize=normalize,
+            self.loaded,
+            layers=layers,
+            granularity=granularity,
+            device=device,
+            dtype=compute_dtype,
+            out_dtype=storage_dtype,
+            normalize=normalize,
         )
         self.granularity = granularity
         self.batch_size = batch_size
@@ -194,7 +239,7 @@ class EmbedStage:
         audio = batch.column("audio").combine_chunks()
         offsets = audio.offsets.to_numpy()
         values = audio.values.to_numpy(zero_copy_only=False)
-        waves = [values[offsets[i]:offsets[i + 1]] for i in seg_idx]
+        waves = [values[offsets[i] : offsets[i + 1]] for i in seg_idx]
         outs = self.embedder.embed_segments(waves, batch_size=self.batch_size) if waves else []
         n = batch.num_rows
         n_frames = np.zeros(n, dtype=np.int32)
@@ -227,7 +272,8 @@ class EmbedStage:
                 if v is not None:
                     flat[i] = v
             return pa.FixedSizeListArray.from_arrays(
-                pa.array(flat.reshape(-1), self.value_type), dim, mask=pa.array(mask))
+                pa.array(flat.reshape(-1), self.value_type), dim, mask=pa.array(mask)
+            )
         lengths = [0 if v is None else v.shape[0] for v in vecs]
         frames = [v.reshape(-1, dim).astype(np_type, copy=False) for v in vecs if v is not None]
         flat = np.concatenate(frames) if frames else np.zeros((0, dim), np_type)

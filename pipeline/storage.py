@@ -26,10 +26,10 @@ def canonical_uri(path_or_uri: str) -> str:
     """The input's canonical URI with its scheme: `file:///abs/path`, `s3://bucket/key`, ..."""
     scheme = scheme_of(path_or_uri)
     if scheme == "file":
-        path = path_or_uri[len("file://"):] if path_or_uri.startswith("file://") else path_or_uri
+        path = path_or_uri[len("file://") :] if path_or_uri.startswith("file://") else path_or_uri
         return "file://" + os.path.abspath(os.path.expanduser(path))
     if scheme == "s3a":
-        return "s3://" + path_or_uri[len("s3a://"):]
+        return "s3://" + path_or_uri[len("s3a://") :]
     return path_or_uri
 
 
@@ -62,8 +62,19 @@ def join(base: str, *parts: str) -> str:
 
 
 _TRANSIENT_WORDS = (
-    "timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500", "connection reset",
-    "connection aborted", "temporarily", "too many requests", "429", "serviceunavailable",
+    "timeout",
+    "timed out",
+    "throttl",
+    "slowdown",
+    "slow down",
+    "503",
+    "500",
+    "connection reset",
+    "connection aborted",
+    "temporarily",
+    "too many requests",
+    "429",
+    "serviceunavailable",
 )
 
 

@@ -34,8 +34,14 @@ FORMATS: dict[str, tuple[str, str]] = {
     "wma": ("asf", "wmav2"),
 }
 
-_WAV_CODECS = {"u8": "pcm_u8", "s16": "pcm_s16le", "s24": "pcm_s24le", "s32": "pcm_s32le",
-               "flt": "pcm_f32le", "dbl": "pcm_f64le"}
+_WAV_CODECS = {
+    "u8": "pcm_u8",
+    "s16": "pcm_s16le",
+    "s24": "pcm_s24le",
+    "s32": "pcm_s32le",
+    "flt": "pcm_f32le",
+    "dbl": "pcm_f64le",
+}
 _AIFF_CODECS = {"s16": "pcm_s16be", "s24": "pcm_s24be", "s32": "pcm_s32be", "flt": "pcm_f32be"}
 _FLAC_FORMATS = {"s16": "s16", "s24": "s32"}
 
@@ -45,8 +51,16 @@ _OPUS_RATES = {8000, 12000, 16000, 24000, 48000}
 
 LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
-EXTENSIONS = {"wav": ".wav", "aiff": ".aiff", "flac": ".flac", "mp3": ".mp3", "ogg": ".ogg", "opus": ".opus",
-              "m4a": ".m4a", "wma": ".wma"}
+EXTENSIONS = {
+    "wav": ".wav",
+    "aiff": ".aiff",
+    "flac": ".flac",
+    "mp3": ".mp3",
+    "ogg": ".ogg",
+    "opus": ".opus",
+    "m4a": ".m4a",
+    "wma": ".wma",
+}
 
 
 def _layout(fmt: str, channels: int) -> str:
@@ -56,8 +70,9 @@ def _layout(fmt: str, channels: int) -> str:
     return LAYOUTS[channels]
 
 
-def tone(freq_hz: float, duration_s: float, sample_rate: int, channels: int = 1,
-         amplitude: float = 0.5) -> np.ndarray:
+def tone(
+    freq_hz: float, duration_s: float, sample_rate: int, channels: int = 1, amplitude: float = 0.5
+) -> np.ndarray:
     """A sine of `freq_hz` Hz lasting `duration_s` seconds: (channels, round(duration_s*sample_rate)) float32."""
     n = int(round(duration_s * sample_rate))
     t = np.arange(n, dtype=np.float64) / sample_rate
@@ -118,7 +133,9 @@ def music_like(duration_s: float, sample_rate: int, channels: int = 2, seed: int
     return out
 
 
-def _check_combo(fmt: str, sample_rate: int, channels: int, sample_format: str | None) -> tuple[str, str, str | None]:
+def _check_combo(
+    fmt: str, sample_rate: int, channels: int, sample_format: str | None
+) -> tuple[str, str, str | None]:
     """(container, codec, PyAV sample format or None) or ValueError naming what the encoder cannot write."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}: unknown; one of {sorted(FORMATS)}")
@@ -128,8 +145,10 @@ def _check_combo(fmt: str, sample_rate: int, channels: int, sample_format: str |
     av_fmt: str | None = None
 
     def refuse(why: str) -> ValueError:
-        return ValueError(f"{fmt} ({codec}) cannot write {sample_rate} Hz x {channels} ch"
-                          f"{' ' + sample_format if sample_format else ''}: {why}")
+        return ValueError(
+            f"{fmt} ({codec}) cannot write {sample_rate} Hz x {channels} ch"
+            f"{' ' + sample_format if sample_format else ''}: {why}"
+        )
 
     if sample_format is not None and fmt not in ("wav", "aiff", "flac"):
         raise refuse("sample_format applies to wav, aiff and flac only")
@@ -175,7 +194,9 @@ def _check_combo(fmt: str, sample_rate: int, channels: int, sample_format: str |
 def _to_frame_array(x: np.ndarray, fmt_name: str, planar: bool) -> np.ndarray:
     """(channels, n) float32 in [-1, 1] -> the ndarray av.AudioFrame.from_ndarray expects for `fmt_name`."""
     if not fmt_name.startswith(("flt", "dbl")):
-        x = np.clip(x, -1.0, 1.0)  # float formats pass through unchanged (NaN/inf fixtures stay what they are)
+        x = np.clip(
+            x, -1.0, 1.0
+        )  # float formats pass through unchanged (NaN/inf fixtures stay what they are)
     if fmt_name.startswith("u8"):
         y = np.round(x * 127.0 + 128.0).astype(np.uint8)
     elif fmt_name.startswith("s16"):
@@ -193,8 +214,15 @@ def _to_frame_array(x: np.ndarray, fmt_name: str, planar: bool) -> np.ndarray:
     return np.ascontiguousarray(y.T).reshape(1, -1)  # packed: one interleaved plane
 
 
-def encode_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: int, channels: int, fmt: str, *,
-                  sample_format: str | None = None) -> Path:
+def encode_chunks(
+    path: str | Path,
+    chunks: Iterable[np.ndarray],
+    sample_rate: int,
+    channels: int,
+    fmt: str,
+    *,
+    sample_format: str | None = None,
+) -> Path:
     """Encode (channels, n) float32 chunks, one after another, into `path` as `fmt` (see the module table).
 
     Memory stays at one chunk: use it to write long files (e.g. a 60-minute WAV) without holding them.
@@ -226,9 +254,10 @@ def encode_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: i
                 raise ValueError(f"chunk shape {chunk.shape}: expected ({channels}, n)")
             step = 4096
             for i in range(0, chunk.shape[1], step):
-                part = chunk[:, i: i + step]
-                frame = av.AudioFrame.from_ndarray(_to_frame_array(part, frame_fmt, planar), format=frame_fmt,
-                                                   layout=_layout(fmt, channels))
+                part = chunk[:, i : i + step]
+                frame = av.AudioFrame.from_ndarray(
+                    _to_frame_array(part, frame_fmt, planar), format=frame_fmt, layout=_layout(fmt, channels)
+                )
                 frame.sample_rate = sample_rate
                 frame.pts = pts
                 pts += part.shape[1]
@@ -239,8 +268,9 @@ def encode_chunks(path: str | Path, chunks: Iterable[np.ndarray], sample_rate: i
     return path
 
 
-def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int, fmt: str, *,
-                sample_format: str | None = None) -> Path:
+def write_audio(
+    path: str | Path, samples: np.ndarray, sample_rate: int, fmt: str, *, sample_format: str | None = None
+) -> Path:
     """Encode (channels, N) float32 `samples` in [-1, 1] at `sample_rate` Hz into `path` as `fmt`.
 
     fmt: wav, flac, mp3, ogg (Vorbis), opus, m4a (AAC), aiff, wma. sample_format (wav: u8, s16, s24, s32, flt,
@@ -261,8 +291,9 @@ def can_write(fmt: str, sample_rate: int, channels: int, sample_format: str | No
     return True
 
 
-def long_music_chunks(duration_s: float, sample_rate: int, channels: int, chunk_s: float = 10.0,
-                      seed: int = 0) -> Iterator[np.ndarray]:
+def long_music_chunks(
+    duration_s: float, sample_rate: int, channels: int, chunk_s: float = 10.0, seed: int = 0
+) -> Iterator[np.ndarray]:
     """(channels, n) chunks adding up to `duration_s` seconds of music-like audio; one chunk of music is generated
     and then varied cheaply (gain, circular shift), so an hour takes seconds to make."""
     total = int(round(duration_s * sample_rate))
@@ -277,9 +308,14 @@ def long_music_chunks(duration_s: float, sample_rate: int, channels: int, chunk_
         done += n
 
 
-def write_corpus(folder: str | Path, n: int, formats: tuple[str, ...] = ("wav", "flac", "mp3", "ogg", "opus", "m4a"),
-                 durations: tuple[float, ...] = (20.0, 7.0, 31.0, 3.5), seed: int = 0,
-                 sample_rate: int = 48000) -> list[Path]:
+def write_corpus(
+    folder: str | Path,
+    n: int,
+    formats: tuple[str, ...] = ("wav", "flac", "mp3", "ogg", "opus", "m4a"),
+    durations: tuple[float, ...] = (20.0, 7.0, 31.0, 3.5),
+    seed: int = 0,
+    sample_rate: int = 48000,
+) -> list[Path]:
     """Write `n` music-like files into `folder`, cycling through `formats` and `durations` (seconds), stereo at
     `sample_rate` Hz (Opus/MP3 need a rate they support: the default 48 kHz works for every format)."""
     folder = Path(folder)

@@ -214,11 +214,15 @@ class FeatureTable:
             return
         if existing.get("config_hash") != meta["config_hash"]:
             old, new = existing.get("config", {}), meta["config"]
-            diff = [f"{k}: table has {old.get(k)!r}, this run has {new.get(k)!r}"
-                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            diff = [
+                f"{k}: table has {old.get(k)!r}, this run has {new.get(k)!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
             raise PipelineError(
                 f"the table {self.root} holds another configuration (hash {existing.get('config_hash')}, "
-                f"this run {meta['config_hash']}): " + "; ".join(diff)
+                f"this run {meta['config_hash']}): "
+                + "; ".join(diff)
                 + ". A table holds one configuration: write to a new output (e.g. one folder per model and "
                 "revision)"
             )
@@ -228,12 +232,19 @@ class FeatureTable:
         data = self._read_json(self._p("_lease.json"))
         if not data:
             return None
-        return LeaseInfo(data["run_id"], data.get("host", "?"), int(data.get("pid", 0)), float(data["expires_at"]))
+        return LeaseInfo(
+            data["run_id"], data.get("host", "?"), int(data.get("pid", 0)), float(data["expires_at"])
+        )
 
     def _lease_body(self, run_id: str, ttl_s: float) -> bytes:
         return json.dumps(
-            {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-             "expires_at": time.time() + ttl_s, "renewed_at": time.time()}
+            {
+                "run_id": run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "expires_at": time.time() + ttl_s,
+                "renewed_at": time.time(),
+            }
         ).encode()
 
     def acquire_lease(self, run_id: str, ttl_s: float, wait_s: float = 0.0) -> None:
@@ -284,7 +295,9 @@ class FeatureTable:
             try:
                 held = self.read_lease()
                 if held is None or held.run_id != self._lease_run:
-                    self._lease_lost = f"the lease on {self.root} was taken over by {held.run_id if held else 'nobody'}"
+                    self._lease_lost = (
+                        f"the lease on {self.root} was taken over by {held.run_id if held else 'nobody'}"
+                    )
                     return
                 self._write_bytes(path, self._lease_body(self._lease_run, self._lease_ttl))
                 renewed = time.time()
@@ -319,13 +332,17 @@ class FeatureTable:
         row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         sink = pa.BufferOutputStream()
         pq.write_table(
-            table, sink, compression="zstd", row_group_size=max(1024, ROW_GROUP_BYTES // row_bytes),
+            table,
+            sink,
+            compression="zstd",
+            row_group_size=max(1024, ROW_GROUP_BYTES // row_bytes),
             store_schema=True,
         )
         self._write_bytes(path, sink.getvalue().to_pybytes())
 
-    def commit_shard(self, run_id: str, shard: int, layers: dict[int, pa.Table], ledger: pa.Table,
-                     metadata: dict[str, str]) -> None:
+    def commit_shard(
+        self, run_id: str, shard: int, layers: dict[int, pa.Table], ledger: pa.Table, metadata: dict[str, str]
+    ) -> None:
         """Write a shard's data files (one per layer), then its ledger file: the commit marker, written last."""
         self.check_lease()
         name = shard_name(run_id, shard)
@@ -351,8 +368,14 @@ class FeatureTable:
         table = pa.concat_tables([self._read(f).cast(LEDGER_SCHEMA) for f in files])
         if not latest or table.num_rows == 0:
             return table
-        table = table.sort_by([("recording_id", "ascending"), ("committed_at_ns", "ascending"),
-                               ("run_id", "ascending"), ("shard", "ascending")])
+        table = table.sort_by(
+            [
+                ("recording_id", "ascending"),
+                ("committed_at_ns", "ascending"),
+                ("run_id", "ascending"),
+                ("shard", "ascending"),
+            ]
+        )
         ids = table.column("recording_id")
         if table.num_rows == 1:
             return table
@@ -369,8 +392,12 @@ class FeatureTable:
         latest = self.ledger(latest=True)
         out: dict[str, set[str]] = {}
         ok = latest.filter(pc.equal(latest.column("status"), "ok"))
-        for rid, run_id, shard in zip(ok.column("recording_id").to_pylist(), ok.column("run_id").to_pylist(),
-                                      ok.column("shard").to_pylist(), strict=True):
+        for rid, run_id, shard in zip(
+            ok.column("recording_id").to_pylist(),
+            ok.column("run_id").to_pylist(),
+            ok.column("shard").to_pylist(),
+            strict=True,
+        ):
             out.setdefault(shard_name(run_id, shard), set()).add(rid)
         return out
 
@@ -405,8 +432,12 @@ class FeatureTable:
             if meta is None:
                 raise PipelineError(f"{self.root} is not a feature table (no _table.json)")
             if layer not in meta["config"]["layers"]:
-                raise PipelineError(f"{self.root} has no layer {layer}; it holds layers {meta['config']['layers']}")
-            schema = feature_schema(meta["dim"], meta["config"]["storage_dtype"], meta["config"]["granularity"])
+                raise PipelineError(
+                    f"{self.root} has no layer {layer}; it holds layers {meta['config']['layers']}"
+                )
+            schema = feature_schema(
+                meta["dim"], meta["config"]["storage_dtype"], meta["config"]["granularity"]
+            )
             return schema.empty_table() if columns is None else schema.empty_table().select(columns)
         return pa.concat_tables(parts)
 
@@ -462,10 +493,19 @@ class FeatureTable:
                     self.write_parquet(f, kept.replace_schema_metadata(None), md)
                     rewritten.append(f)
         self._invalidate()
-        return {"removed_files": removed, "rewritten_files": rewritten, "superseded_rows_dropped": rows_dropped}
+        return {
+            "removed_files": removed,
+            "rewritten_files": rewritten,
+            "superseded_rows_dropped": rows_dropped,
+        }
 
-    def compact(self, ttl_s: float = 120.0, wait_s: float = 0.0, merge: bool = True,
-                target_bytes: int = ROW_GROUP_BYTES) -> dict:
+    def compact(
+        self,
+        ttl_s: float = 120.0,
+        wait_s: float = 0.0,
+        merge: bool = True,
+        target_bytes: int = ROW_GROUP_BYTES,
+    ) -> dict:
         """Under the table's lease: vacuum, then (merge=True) merge small shards into larger ones, then vacuum
         again. After it, plain Parquet readers see exactly what the reader sees (superseded rows of changed inputs
         and rows of tombstoned ones are gone from the files), in fewer, larger files."""
@@ -480,11 +520,21 @@ class FeatureTable:
                 again = self.vacuum(live_runs={run_id})
                 out["removed_files"] += again["removed_files"]
                 out["rewritten_files"] += again["rewritten_files"]
-                self.write_run(run_id, {"run_id": run_id, "kind": "compact", "status": "complete",
-                                        "started_at": started, "finished_at": _utc_now(),
-                                        "counts": {"merged_shards": merged["merged_shards"],
-                                                   "new_shards": merged["new_shards"],
-                                                   "recordings_moved": merged["recordings_moved"]}})
+                self.write_run(
+                    run_id,
+                    {
+                        "run_id": run_id,
+                        "kind": "compact",
+                        "status": "complete",
+                        "started_at": started,
+                        "finished_at": _utc_now(),
+                        "counts": {
+                            "merged_shards": merged["merged_shards"],
+                            "new_shards": merged["new_shards"],
+                            "recordings_moved": merged["recordings_moved"],
+                        },
+                    },
+                )
             return out
         finally:
             self.release_lease()
@@ -534,11 +584,19 @@ class FeatureTable:
                     parts.append(t.replace_schema_metadata(None))
                 if not parts:
                     continue
-                merged = pa.concat_tables(parts).sort_by([("recording_id", "ascending"), ("segment", "ascending")])
-                merged = merged.set_column(merged.schema.get_field_index("run_id"), "run_id",
-                                           pa.array([run_id] * merged.num_rows, pa.string()))
-                merged = merged.set_column(merged.schema.get_field_index("shard"), "shard",
-                                           pa.array(np.full(merged.num_rows, k, np.int32)))
+                merged = pa.concat_tables(parts).sort_by(
+                    [("recording_id", "ascending"), ("segment", "ascending")]
+                )
+                merged = merged.set_column(
+                    merged.schema.get_field_index("run_id"),
+                    "run_id",
+                    pa.array([run_id] * merged.num_rows, pa.string()),
+                )
+                merged = merged.set_column(
+                    merged.schema.get_field_index("shard"),
+                    "shard",
+                    pa.array(np.full(merged.num_rows, k, np.int32)),
+                )
                 self.check_lease()
                 self.write_parquet(f"{self.layer_dir(layer)}/{new}.parquet", merged, md)
             now = time.time_ns()
@@ -549,8 +607,14 @@ class FeatureTable:
                 rows.append(row)
             moved += len(rows)
             self.check_lease()
-            self.write_parquet(self._p("recordings", f"{new}.parquet"), pa.Table.from_pylist(rows, LEDGER_SCHEMA))
-        return {"merged_shards": sum(len(g) for g in groups), "new_shards": len(groups), "recordings_moved": moved}
+            self.write_parquet(
+                self._p("recordings", f"{new}.parquet"), pa.Table.from_pylist(rows, LEDGER_SCHEMA)
+            )
+        return {
+            "merged_shards": sum(len(g) for g in groups),
+            "new_shards": len(groups),
+            "recordings_moved": moved,
+        }
 
     def last_run(self) -> dict | None:
         runs = self.runs()
@@ -572,7 +636,9 @@ class FeatureTable:
         latest = self.ledger(latest=True)
         by_status: dict[str, int] = {}
         by_error: dict[str, int] = {}
-        for status, kind in zip(latest.column("status").to_pylist(), latest.column("error_kind").to_pylist(), strict=True):
+        for status, kind in zip(
+            latest.column("status").to_pylist(), latest.column("error_kind").to_pylist(), strict=True
+        ):
             by_status[status] = by_status.get(status, 0) + 1
             if status == "error":
                 by_error[kind or "?"] = by_error.get(kind or "?", 0) + 1
@@ -588,12 +654,23 @@ class FeatureTable:
             "recordings": int(latest.num_rows),
             "recordings_by_status": by_status,
             "errors_by_kind": by_error,
-            "audio_hours_ok": round(float(pc.sum(latest.filter(pc.equal(latest.column("status"), "ok"))
-                                                 .column("duration_s")).as_py() or 0.0) / 3600, 4),
-            "runs": [{k: r.get(k) for k in ("run_id", "status", "started_at", "finished_at", "counts")}
-                     for r in self.runs()],
-            "lease": None if held is None else {"run_id": held.run_id, "host": held.host,
-                                                "expired": held.expired()},
+            "audio_hours_ok": round(
+                float(
+                    pc.sum(
+                        latest.filter(pc.equal(latest.column("status"), "ok")).column("duration_s")
+                    ).as_py()
+                    or 0.0
+                )
+                / 3600,
+                4,
+            ),
+            "runs": [
+                {k: r.get(k) for k in ("run_id", "status", "started_at", "finished_at", "counts")}
+                for r in self.runs()
+            ],
+            "lease": None
+            if held is None
+            else {"run_id": held.run_id, "host": held.host, "expired": held.expired()},
         }
 
 
@@ -614,15 +691,20 @@ def promote(root: str, table_uri: str, storage_options: dict | None = None, forc
     if not force and (last is None or last.get("status") != "complete"):
         raise PipelineError(
             f"{table_uri}: its newest run is {last.get('run_id') + ' ' + last.get('status') if last else 'missing'}, "
-            "not complete: finish (rerun) the reprocessing job first, or pass --force")
+            "not complete: finish (rerun) the reprocessing job first, or pass --force"
+        )
     r = FeatureTable(root, storage_options)
     previous = r._read_json(r._p(CURRENT))
-    pointer = {"table": t.root, "config_hash": meta.get("config_hash"), "config": meta.get("config"),
-               "model": (meta.get("provenance") or {}).get("model"),
-               "revision": (meta.get("provenance") or {}).get("revision"),
-               "promoted_at": _utc_now(),
-               "last_run": last.get("run_id") if last else None,
-               "previous": previous.get("table") if previous else None}
+    pointer = {
+        "table": t.root,
+        "config_hash": meta.get("config_hash"),
+        "config": meta.get("config"),
+        "model": (meta.get("provenance") or {}).get("model"),
+        "revision": (meta.get("provenance") or {}).get("revision"),
+        "promoted_at": _utc_now(),
+        "last_run": last.get("run_id") if last else None,
+        "previous": previous.get("table") if previous else None,
+    }
     r._write_json(r._p(CURRENT), pointer)
     return pointer
 
@@ -640,7 +722,9 @@ def resolve_table(path: str, storage_options: dict | None = None) -> str:
 def footer_metadata(t: pa.Table) -> dict[str, str]:
     """A read file's own key-value metadata (the mert.* provenance), without the Arrow schema pyarrow adds, to
     write again on a rewritten file."""
-    return {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items() if not k.startswith(b"ARROW")}
+    return {
+        k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items() if not k.startswith(b"ARROW")
+    }
 
 
 def _utc_now() -> str:

@@ -41,8 +41,18 @@ LOSSY_TOL_S = 0.06  # encoder delay / padding of MP3, AAC, Opus, Vorbis, WMA
 # ------------------------------------------------------------------------------------------------ resampling
 
 
-@pytest.mark.parametrize("orig, new", [(44100, 24000), (48000, 16000), (8000, 24000), (192000, 24000),
-                                       (22050, 16000), (16000, 24000), (96000, 44100)])
+@pytest.mark.parametrize(
+    "orig, new",
+    [
+        (44100, 24000),
+        (48000, 16000),
+        (8000, 24000),
+        (192000, 24000),
+        (22050, 16000),
+        (16000, 24000),
+        (96000, 44100),
+    ],
+)
 def test_piecewise_resampling_matches_whole_signal(orig: int, new: int) -> None:
     rng = np.random.default_rng(orig + new)
     x = synth.music_like(1.3, orig, channels=1, seed=3)[0]
@@ -52,7 +62,7 @@ def test_piecewise_resampling_matches_whole_signal(orig: int, new: int) -> None:
     parts, pos = [], 0
     while pos < x.size:
         n = int(rng.choice([1, 3, 97, 1001, 4097, 12345]))
-        parts.append(r.push(x[pos: pos + n]))
+        parts.append(r.push(x[pos : pos + n]))
         pos += n
     parts.append(r.flush())
     piecewise = np.concatenate(parts)
@@ -74,16 +84,20 @@ def test_resampler_identity_and_tiny_inputs() -> None:
         np.testing.assert_allclose(y, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("orig, new, freq", [(44100, 24000, 1000.0), (8000, 24000, 440.0), (192000, 16000, 3000.0)])
+@pytest.mark.parametrize(
+    "orig, new, freq", [(44100, 24000, 1000.0), (8000, 24000, 440.0), (192000, 16000, 3000.0)]
+)
 def test_resampled_sine_keeps_its_frequency(tmp_path: Path, orig: int, new: int, freq: float) -> None:
-    path = synth.write_audio(tmp_path / "sine.wav", synth.tone(freq, 2.0, orig), orig, "wav", sample_format="flt")
+    path = synth.write_audio(
+        tmp_path / "sine.wav", synth.tone(freq, 2.0, orig), orig, "wav", sample_format="flt"
+    )
     y, info = decode_audio(str(path), sample_rate=new)
     assert info.sample_rate == orig
     assert y.size == int(np.ceil(2.0 * new))
     spec = np.abs(np.fft.rfft(y * np.hanning(y.size)))
     peak_hz = np.argmax(spec) * new / y.size
     assert abs(peak_hz - freq) <= new / y.size
-    assert np.max(np.abs(y[new // 10: -new // 10])) == pytest.approx(0.5, abs=0.01)
+    assert np.max(np.abs(y[new // 10 : -new // 10])) == pytest.approx(0.5, abs=0.01)
 
 
 # -------------------------------------------------------------------------------------------------- decoding
@@ -92,8 +106,15 @@ PCM_RATES = [8000, 16000, 22050, 44100, 48000, 96000, 192000]
 PCM_CHANNELS = [1, 2, 6, 8]
 
 
-def _check_decode(path: Path, fmt: str, rate: int, channels: int, duration: float, codec: str | None = None,
-                  tol: float | None = None) -> None:
+def _check_decode(
+    path: Path,
+    fmt: str,
+    rate: int,
+    channels: int,
+    duration: float,
+    codec: str | None = None,
+    tol: float | None = None,
+) -> None:
     y, info = decode_audio(str(path))
     rate = 48000 if fmt == "opus" else rate  # FFmpeg's Opus decoder always outputs 48 kHz
     assert info.sample_rate == rate
@@ -122,8 +143,17 @@ def test_lossless_formats_over_rates_and_channels(tmp_path: Path, fmt: str) -> N
             np.testing.assert_allclose(y, x.mean(axis=0), atol=3e-4)
 
 
-@pytest.mark.parametrize("sample_format, codec", [("u8", "pcm_u8"), ("s16", "pcm_s16le"), ("s24", "pcm_s24le"),
-                                                  ("s32", "pcm_s32le"), ("flt", "pcm_f32le"), ("dbl", "pcm_f64le")])
+@pytest.mark.parametrize(
+    "sample_format, codec",
+    [
+        ("u8", "pcm_u8"),
+        ("s16", "pcm_s16le"),
+        ("s24", "pcm_s24le"),
+        ("s32", "pcm_s32le"),
+        ("flt", "pcm_f32le"),
+        ("dbl", "pcm_f64le"),
+    ],
+)
 def test_every_wav_sample_format(tmp_path: Path, sample_format: str, codec: str) -> None:
     x = synth.music_like(0.5, 22050, 2, seed=1)
     path = synth.write_audio(tmp_path / "x.wav", x, 22050, "wav", sample_format=sample_format)
@@ -133,10 +163,14 @@ def test_every_wav_sample_format(tmp_path: Path, sample_format: str, codec: str)
     np.testing.assert_allclose(y, x.mean(axis=0), atol=tol)
 
 
-@pytest.mark.parametrize("fmt, sample_format", [("aiff", "s24"), ("aiff", "s32"), ("aiff", "flt"), ("flac", "s24")])
+@pytest.mark.parametrize(
+    "fmt, sample_format", [("aiff", "s24"), ("aiff", "s32"), ("aiff", "flt"), ("flac", "s24")]
+)
 def test_other_lossless_sample_formats(tmp_path: Path, fmt: str, sample_format: str) -> None:
     x = synth.music_like(0.5, 48000, 2, seed=2)
-    path = synth.write_audio(tmp_path / f"x{synth.EXTENSIONS[fmt]}", x, 48000, fmt, sample_format=sample_format)
+    path = synth.write_audio(
+        tmp_path / f"x{synth.EXTENSIONS[fmt]}", x, 48000, fmt, sample_format=sample_format
+    )
     y, info = decode_audio(str(path))
     np.testing.assert_allclose(y, x.mean(axis=0), atol=1e-5)
 
@@ -160,10 +194,22 @@ def test_lossy_codecs_on_the_combinations_their_encoders_write(tmp_path: Path, f
             _check_decode(path, fmt, rate, channels, 1.0, codec)
 
 
-@pytest.mark.parametrize("fmt, rate, channels", [("mp3", 96000, 2), ("mp3", 44100, 6), ("ogg", 48000, 1),
-                                                 ("opus", 44100, 2), ("m4a", 192000, 2), ("wma", 96000, 2),
-                                                 ("wma", 48000, 6), ("wav", 48000, 9)])
-def test_combinations_the_encoders_refuse_are_named(tmp_path: Path, fmt: str, rate: int, channels: int) -> None:
+@pytest.mark.parametrize(
+    "fmt, rate, channels",
+    [
+        ("mp3", 96000, 2),
+        ("mp3", 44100, 6),
+        ("ogg", 48000, 1),
+        ("opus", 44100, 2),
+        ("m4a", 192000, 2),
+        ("wma", 96000, 2),
+        ("wma", 48000, 6),
+        ("wav", 48000, 9),
+    ],
+)
+def test_combinations_the_encoders_refuse_are_named(
+    tmp_path: Path, fmt: str, rate: int, channels: int
+) -> None:
     assert not synth.can_write(fmt, rate, channels)
     with pytest.raises(ValueError, match=fmt if channels <= 8 else "channels"):
         synth.write_audio(tmp_path / "x", np.zeros((channels, 100), np.float32), rate, fmt)
@@ -185,10 +231,16 @@ def test_read_segments_cuts_resampled_mono_windows(tmp_path: Path) -> None:
     path = synth.write_audio(tmp_path / "x.flac", x, 44100, "flac")
     cfg = SegmentConfig()
     for isolate in (False, True):
-        with read_segments(str(path), sample_rate=24000, segments=cfg, isolate=isolate, chunk_s=0.7) as stream:
+        with read_segments(
+            str(path), sample_rate=24000, segments=cfg, isolate=isolate, chunk_s=0.7
+        ) as stream:
             assert stream.info.sample_rate == 44100 and stream.info.codec == "flac"
             segs = list(stream)
-        assert [(s.index, s.start_s, s.duration_s) for s in segs] == [(0, 0.0, 5.0), (1, 5.0, 5.0), (2, 10.0, 2.0)]
+        assert [(s.index, s.start_s, s.duration_s) for s in segs] == [
+            (0, 0.0, 5.0),
+            (1, 5.0, 5.0),
+            (2, 10.0, 2.0),
+        ]
         assert stream.info.duration_s == pytest.approx(12.0)
         whole, _ = decode_audio(str(path), sample_rate=24000)
         np.testing.assert_allclose(np.concatenate([s.samples for s in segs]), whole, atol=1e-5)
@@ -198,14 +250,24 @@ def test_read_segments_cuts_resampled_mono_windows(tmp_path: Path) -> None:
 
 
 def _png_bytes(w: int = 8, h: int = 8) -> bytes:
-    rows = b"".join(b"\x00" + bytes([x * 30 % 256, y * 30 % 256, 90] * 1) * 1 for y in range(h) for x in range(1))
-    rows = b"".join(b"\x00" + bytes(sum(([x * 30 % 256, y * 30 % 256, 90] for x in range(w)), [])) for y in range(h))
+    rows = b"".join(
+        b"\x00" + bytes([x * 30 % 256, y * 30 % 256, 90] * 1) * 1 for y in range(h) for x in range(1)
+    )
+    rows = b"".join(
+        b"\x00" + bytes(sum(([x * 30 % 256, y * 30 % 256, 90] for x in range(w)), [])) for y in range(h)
+    )
 
     def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+        )
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _video_only(path: Path) -> Path:
@@ -224,7 +286,9 @@ def _video_only(path: Path) -> Path:
 
 
 def _fault_cases(tmp: Path) -> dict[str, tuple[Path, tuple[type[InputFault], ...]]]:
-    (tmp / "random.mp3").write_bytes(np.random.default_rng(0).integers(0, 256, 40000, dtype=np.uint8).tobytes())
+    (tmp / "random.mp3").write_bytes(
+        np.random.default_rng(0).integers(0, 256, 40000, dtype=np.uint8).tobytes()
+    )
     (tmp / "image.mp3").write_bytes(_png_bytes())
     (tmp / "empty.wav").write_bytes(b"")
     (tmp / "text.ogg").write_text("not audio at all\n" * 200)
@@ -296,7 +360,9 @@ def test_truncated_and_garbage_tailed_files_keep_what_decoded(tmp_path: Path, fm
         bad = tmp_path / f"{kind}{synth.EXTENSIONS[fmt]}"
         bad.write_bytes(blob)
         for isolate in (False, True):
-            with read_segments(str(bad), sample_rate=24000, segments=SegmentConfig(), isolate=isolate) as stream:
+            with read_segments(
+                str(bad), sample_rate=24000, segments=SegmentConfig(), isolate=isolate
+            ) as stream:
                 segs = list(stream)
             info = stream.info
             assert info.truncated, (fmt, kind, isolate)
@@ -331,8 +397,14 @@ def test_reads_from_s3_and_never_leaks_the_secret(tmp_path: Path, s3_options: di
     dec = DecoderProcess(stall_s=30)
     try:
         for isolate in (False, True):
-            with read_segments(uri, sample_rate=24000, segments=SegmentConfig(), storage_options=s3_options,
-                               isolate=isolate, decoder=dec) as stream:
+            with read_segments(
+                uri,
+                sample_rate=24000,
+                segments=SegmentConfig(),
+                storage_options=s3_options,
+                isolate=isolate,
+                decoder=dec,
+            ) as stream:
                 segs = list(stream)
             assert [s.duration_s for s in segs] == [5.0, 2.0]
             assert stream.info.codec == "flac" and stream.info.uri == uri
@@ -345,14 +417,25 @@ def test_reads_from_s3_and_never_leaks_the_secret(tmp_path: Path, s3_options: di
         missing = f"s3://{s3_bucket}/audio/nope.mp3"
         for isolate in (False, True):
             with pytest.raises(InputNotFound) as err:
-                read_segments(missing, sample_rate=24000, segments=SegmentConfig(), storage_options=s3_options,
-                              isolate=isolate, decoder=dec)
+                read_segments(
+                    missing,
+                    sample_rate=24000,
+                    segments=SegmentConfig(),
+                    storage_options=s3_options,
+                    isolate=isolate,
+                    decoder=dec,
+                )
             assert str(err.value).startswith(missing)
             assert s3_options["secret"] not in str(err.value)
             assert s3_options["secret"] not in repr(err.value.__dict__)
         with pytest.raises(InputNotFound):
-            read_segments(f"s3://{s3_bucket}-nobucket/x.wav", sample_rate=24000, segments=SegmentConfig(),
-                          storage_options=s3_options, isolate=False)
+            read_segments(
+                f"s3://{s3_bucket}-nobucket/x.wav",
+                sample_rate=24000,
+                segments=SegmentConfig(),
+                storage_options=s3_options,
+                isolate=False,
+            )
     finally:
         dec.close()
 
@@ -369,8 +452,9 @@ def test_decoder_crash_and_hang_become_faults_and_the_process_recovers(tmp_path:
     dec = DecoderProcess(stall_s=1.5)
 
     def run(name: str, **kw) -> int:
-        with read_segments(str(tmp_path / f"{name}.wav"), sample_rate=16000, segments=cfg, decoder=dec,
-                           chunk_s=0.5, **kw) as stream:
+        with read_segments(
+            str(tmp_path / f"{name}.wav"), sample_rate=16000, segments=cfg, decoder=dec, chunk_s=0.5, **kw
+        ) as stream:
             return len(list(stream))
 
     try:
@@ -419,15 +503,23 @@ _MEASURE = textwrap.dedent("""
 
 def _peak(path: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, env=env,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_memory_of_a_60_minute_file_stays_near_a_1_minute_one(tmp_path: Path) -> None:
     short = synth.encode_chunks(tmp_path / "1min.wav", synth.long_music_chunks(60, 44100, 2), 44100, 2, "wav")
-    long = synth.encode_chunks(tmp_path / "60min.wav", synth.long_music_chunks(3600, 44100, 2), 44100, 2, "wav")
+    long = synth.encode_chunks(
+        tmp_path / "60min.wav", synth.long_music_chunks(3600, 44100, 2), 44100, 2, "wav"
+    )
     assert long.stat().st_size > 600e6
     small, big = _peak(short), _peak(long)
     assert (small["segments"], big["segments"]) == (12, 720)

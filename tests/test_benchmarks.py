@@ -16,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def test_flops_per_audio_second_matches_a_hand_count():
-    cfg = checkpoint_config("MERT-v1-95M", size="tiny")  # conv 7 x 32 ch, D 32, 2 layers, FFN 64, pos conv 16 / 4
+    cfg = checkpoint_config(
+        "MERT-v1-95M", size="tiny"
+    )  # conv 7 x 32 ch, D 32, 2 layers, FFN 64, pos conv 16 / 4
     f = flops_per_audio_second(cfg, 24000, 1.0)
     # frames per layer for 24000 samples: (n - k) // s + 1 with k = 10,3,3,3,3,2,2 and s = 5,2,2,2,2,2,2
     assert f["frames"] == 74  # 4799, 2399, 1199, 599, 299, 149, 74
@@ -26,7 +28,12 @@ def test_flops_per_audio_second_matches_a_hand_count():
     linear = 2 * 74 * (4 * 2 * 32 * 32 + 2 * 2 * 32 * 64)
     attention = 2 * 2 * 2 * 74 * 74 * 32
     assert (f["conv"], f["proj"], f["pos_conv"], f["linear"], f["attention"]) == (
-        conv, proj, pos, linear, attention)
+        conv,
+        proj,
+        pos,
+        linear,
+        attention,
+    )
     assert f["total"] == conv + proj + pos + linear + attention == 36_192_640
     # per audio second: a 2 s window has twice the frames (less the conv edge), the same linear cost per second,
     # and twice the attention cost per second
@@ -50,15 +57,39 @@ def test_harness_end_to_end_writes_every_figure(tmp_path):
     out = tmp_path / "result.json"
     # batch 1: the embed stage takes 4 rows per call, so the three inputs (3 rows each) make two actor tasks and
     # two blocks reach the driver, which the steady rate needs
-    main(["--model", str(model), "--corpus", str(corpus), "--batch-size", "1", "--model-batches", "1",
-          "--short-seconds", "3", "--long-seconds", "12", "--skip", "tree", "--workdir", str(tmp_path / "work"),
-          "--out", str(out)])
+    main(
+        [
+            "--model",
+            str(model),
+            "--corpus",
+            str(corpus),
+            "--batch-size",
+            "1",
+            "--model-batches",
+            "1",
+            "--short-seconds",
+            "3",
+            "--long-seconds",
+            "12",
+            "--skip",
+            "tree",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
     r = json.loads(out.read_text())
 
     assert r["corpus"]["files"] == 3 and r["corpus"]["audio_s"] == pytest.approx(18.0, abs=0.1)
-    for part, key in [("model_only", "audio_s_per_s"), ("cpu_stage", "audio_s_per_s"),
-                      ("cpu_stage", "audio_s_per_cpu_s"), ("pipeline", "audio_s_per_s"),
-                      ("pipeline", "steady_audio_s_per_s"), ("naive", "audio_s_per_s")]:
+    for part, key in [
+        ("model_only", "audio_s_per_s"),
+        ("cpu_stage", "audio_s_per_s"),
+        ("cpu_stage", "audio_s_per_cpu_s"),
+        ("pipeline", "audio_s_per_s"),
+        ("pipeline", "steady_audio_s_per_s"),
+        ("naive", "audio_s_per_s"),
+    ]:
         assert r[part][key] > 0, (part, key, r[part])
     assert r["model_only"]["threads"] == r["settings"]["actor_threads"] >= 1
     assert r["pipeline"]["inputs_ok"] == 3 and r["pipeline"]["audio_s"] == pytest.approx(18.0, abs=0.1)
@@ -72,7 +103,16 @@ def test_harness_end_to_end_writes_every_figure(tmp_path):
         assert w["rows"] > 1  # segment rows and the record row went through the stage
     assert r["memory"]["worker_long_over_short"] > 0
     ratios = r["summary"]["ratios"]
-    assert set(ratios) == {"pipeline_over_model_only", "pipeline_steady_over_model_only", "pipeline_over_naive",
-                           "pipeline_steady_over_naive"}
+    assert set(ratios) == {
+        "pipeline_over_model_only",
+        "pipeline_steady_over_model_only",
+        "pipeline_over_naive",
+        "pipeline_steady_over_naive",
+    }
     assert all(v > 0 for v in ratios.values())
-    assert set(r["summary"]["goals"]) == {"fed_end_to_end", "fed_steady", "faster_than_naive", "memory_cpu_stage"}
+    assert set(r["summary"]["goals"]) == {
+        "fed_end_to_end",
+        "fed_steady",
+        "faster_than_naive",
+        "memory_cpu_stage",
+    }

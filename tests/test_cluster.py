@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny-95M", like="MERT-v1-95M", size="tiny")
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("model") / "tiny-95M", like="MERT-v1-95M", size="tiny"
+    )
 
 
 def corpus(folder: Path, n: int, secs: float, extra: dict[str, float] | None = None) -> dict[str, int]:
@@ -55,8 +57,22 @@ def env(**extra: str) -> dict:
 
 
 def extract_cmd(audio: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.extract", str(audio), str(out), "--model", str(model), "--batch-size", "4",
-            "--shard-max-recordings", "1", "--json", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.extract",
+        str(audio),
+        str(out),
+        "--model",
+        str(model),
+        "--batch-size",
+        "4",
+        "--shard-max-recordings",
+        "1",
+        "--json",
+        "--quiet",
+        *extra,
+    ]
 
 
 def summary_of(stdout: bytes | str) -> dict:
@@ -76,8 +92,10 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
     deadline = time.time() + timeout
     while not cond():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the driver exited ({proc.returncode}) before {what}: "
-                                 f"{proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
+            raise AssertionError(
+                f"the driver exited ({proc.returncode}) before {what}: "
+                f"{proc.stderr.read().decode()[-3000:] if proc.stderr else ''}"
+            )
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
@@ -87,8 +105,13 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
 def driver_midway(audio: Path, out: Path, model: Path):
     """A `python -m jobs.extract` driver (with its own local Ray), yielded once it has committed two shards;
     killed with its whole process group if the test leaves it running."""
-    proc = subprocess.Popen(extract_cmd(audio, out, model, "--decode-workers", "1"), env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        extract_cmd(audio, out, model, "--decode-workers", "1"),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: committed(out) >= 2, 300, "two commits", proc)
         yield proc
@@ -123,9 +146,16 @@ def two_node_cluster():
     port = _free_port()
     # Each node's dashboard agent gets a port of its own: the default one (52365) may be taken by another Ray on
     # this machine (the shared test Ray), and a head without its agent accepts no job ("No available agent").
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": port,
-                                      "dashboard_agent_listen_port": _free_port()})
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={
+            "num_cpus": 2,
+            "include_dashboard": True,
+            "dashboard_port": port,
+            "dashboard_agent_listen_port": _free_port(),
+        },
+    )
     worker = cluster.add_node(num_cpus=2, dashboard_agent_listen_port=_free_port())
     try:
         yield cluster, worker, f"http://127.0.0.1:{port}"
@@ -149,9 +179,27 @@ def submit(dashboard: str, entrypoint: list[str], *extra: str) -> subprocess.Com
     """The README's command: ray job submit --working-dir . -- python -m jobs.extract ..."""
     deadline = time.time() + 90
     while True:
-        done = subprocess.run(["ray", "job", "submit", "--address", dashboard, "--working-dir", ".",
-                               "--runtime-env-json", '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}', *extra,
-                               "--", *entrypoint], cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
+        done = subprocess.run(
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                dashboard,
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}',
+                *extra,
+                "--",
+                *entrypoint,
+            ],
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         if done.returncode == 0 or NOT_READY not in done.stderr + done.stdout or time.time() > deadline:
             return done
         time.sleep(1)
@@ -176,8 +224,10 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
     small = tmp_path / "small"
     expected_small = corpus(small, 2, 6.0)
     config = tmp_path / "run.yaml"
-    config.write_text(f"input: {small}\noutput: {tmp_path / 'small-table'}\nmodel: {model_dir}\nbatch_size: 4\n"
-                      "cpus_per_actor: 1\n")
+    config.write_text(
+        f"input: {small}\noutput: {tmp_path / 'small-table'}\nmodel: {model_dir}\nbatch_size: 4\n"
+        "cpus_per_actor: 1\n"
+    )
     done = submit(dashboard, ["python", "-m", "jobs.extract", "--config", str(config)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr and "run " in done.stdout
@@ -187,10 +237,26 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
     audio, out = tmp_path / "audio", tmp_path / "table"
     expected = corpus(audio, 12, 11.0)
     client = JobSubmissionClient(dashboard)
-    job = submit_job(client,
-        entrypoint=" ".join(["python", "-m", "jobs.extract", str(audio), str(out), "--model", str(model_dir),
-                             "--batch-size", "4", "--shard-max-recordings", "1", "--cpus-per-actor", "1",
-                             "--quiet"]),
+    job = submit_job(
+        client,
+        entrypoint=" ".join(
+            [
+                "python",
+                "-m",
+                "jobs.extract",
+                str(audio),
+                str(out),
+                "--model",
+                str(model_dir),
+                "--batch-size",
+                "4",
+                "--shard-max-recordings",
+                "1",
+                "--cpus-per-actor",
+                "1",
+                "--quiet",
+            ]
+        ),
         runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}},
     )
     wait_for(lambda: committed(out) >= 2 or client.get_job_status(job).is_terminal(), 300, "two commits")
@@ -210,10 +276,28 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
 
     # 3. `ray job stop` (SIGTERM to the driver): the run ends at a commit boundary; resubmitting resumes it
     out2 = tmp_path / "table2"
-    entry = " ".join(["python", "-m", "jobs.extract", str(audio), str(out2), "--model", str(model_dir),
-                      "--batch-size", "4", "--shard-max-recordings", "1", "--cpus-per-actor", "1", "--quiet"])
-    runtime_env = {"working_dir": str(REPO),
-                   "env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_JOB_STOP_WAIT_TIME_S": "60"}}
+    entry = " ".join(
+        [
+            "python",
+            "-m",
+            "jobs.extract",
+            str(audio),
+            str(out2),
+            "--model",
+            str(model_dir),
+            "--batch-size",
+            "4",
+            "--shard-max-recordings",
+            "1",
+            "--cpus-per-actor",
+            "1",
+            "--quiet",
+        ]
+    )
+    runtime_env = {
+        "working_dir": str(REPO),
+        "env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_JOB_STOP_WAIT_TIME_S": "60"},
+    }
     job = submit_job(client, entrypoint=entry, runtime_env=runtime_env)
     wait_for(lambda: committed(out2) >= 2 or client.get_job_status(job).is_terminal(), 300, "two commits")
     client.stop_job(job)
@@ -260,9 +344,12 @@ def test_embed_actor_killed_midway_is_replaced_and_the_run_completes(model_dir, 
 def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(model_dir, tmp_path):
     audio, out = tmp_path / "audio", tmp_path / "table"
     corpus(audio, 3, 6.0, extra={"x__kill_worker__.flac": 6.0})
-    done = subprocess.run(extract_cmd(audio, out, model_dir),
-                          env=env(MERT_PIPELINE_FAULT_INJECTION="worker_crash:__kill_worker__"),
-                          capture_output=True, timeout=400)
+    done = subprocess.run(
+        extract_cmd(audio, out, model_dir),
+        env=env(MERT_PIPELINE_FAULT_INJECTION="worker_crash:__kill_worker__"),
+        capture_output=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr.decode()[-4000:]
     summary = summary_of(done.stdout)
     assert summary["status"] == "complete"
@@ -274,9 +361,12 @@ def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(model_di
     assert bad["status"] == "error" and bad["error_kind"] == "worker_crash" and not bad["retryable"]
     assert "died 2 times" in bad["error_message"] and "x__kill_worker__.flac" in bad["error_message"]
     # a rerun does not try it again (a permanent error) ...
-    again = subprocess.run(extract_cmd(audio, out, model_dir),
-                           env=env(MERT_PIPELINE_FAULT_INJECTION="worker_crash:__kill_worker__"),
-                           capture_output=True, timeout=400)
+    again = subprocess.run(
+        extract_cmd(audio, out, model_dir),
+        env=env(MERT_PIPELINE_FAULT_INJECTION="worker_crash:__kill_worker__"),
+        capture_output=True,
+        timeout=400,
+    )
     assert again.returncode == 0 and summary_of(again.stdout)["counts"]["skipped"] == 4
 
 

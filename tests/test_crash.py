@@ -43,8 +43,13 @@ def test_killed_driver_then_rerun_completes_without_duplicates_or_rework(tmp_pat
         write_audio(audio / f"t{i:02d}.flac", music_like(16.0, 44100, channels=2, seed=i), 44100, "flac")
     out = tmp_path / "table"
     common = ["--model", str(model), "--shard-max-recordings", "1", "--decode-workers", "1", "--quiet"]
-    proc = subprocess.Popen(cli("run", str(audio), str(out), *common), env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli("run", str(audio), str(out), *common),
+        env=env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 240
     committed_at_kill = 0
     try:
@@ -67,8 +72,12 @@ def test_killed_driver_then_rerun_completes_without_duplicates_or_rework(tmp_pat
     first_run = first.column("run_id")[0].as_py()
 
     # The rerun: the dead run's lease is stale (same host, process gone), its uncommitted files are orphans.
-    done = subprocess.run(cli("run", str(audio), str(out), "--model", str(model), "--json", "--quiet"), env=env(),
-                          capture_output=True, timeout=300)
+    done = subprocess.run(
+        cli("run", str(audio), str(out), "--model", str(model), "--json", "--quiet"),
+        env=env(),
+        capture_output=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     summary = json.loads(done.stdout)
     assert summary["status"] == "complete"

@@ -23,8 +23,15 @@ RTOL = 1e-5
 # name -> (registry model it is shaped like, write_random_checkpoint options)
 CHECKPOINTS = {
     "post_ln": ("MERT-v1-95M", {"weights": "bin", "pos_conv_names": "weight_norm", "seed": 1}),
-    "pre_ln": ("MERT-v1-330M", {"weights": "bin", "pos_conv_names": "weight_norm", "seed": 2,
-                                "config_overrides": {"num_hidden_layers": 3}}),
+    "pre_ln": (
+        "MERT-v1-330M",
+        {
+            "weights": "bin",
+            "pos_conv_names": "weight_norm",
+            "seed": 2,
+            "config_overrides": {"num_hidden_layers": 3},
+        },
+    ),
     "data2vec": ("music2vec-v1", {"weights": "safetensors", "seed": 3}),
     "hubert_param": ("MERT-v0", {"weights": "safetensors", "pos_conv_names": "parametrizations", "seed": 4}),
 }
@@ -39,8 +46,10 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def ckpt_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ckpts")
-    return {name: str(write_random_checkpoint(root / name, like, size="tiny", **opts))
-            for name, (like, opts) in CHECKPOINTS.items()}
+    return {
+        name: str(write_random_checkpoint(root / name, like, size="tiny", **opts))
+        for name, (like, opts) in CHECKPOINTS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +68,23 @@ def reference_model(ckpt_dir: str) -> torch.nn.Module:
         cfg_cls, model_cls = Data2VecAudioConfig, Data2VecAudioModel
     else:
         cfg_cls, model_cls = HubertConfig, HubertModel
-    fields = set(cfg_cls().to_dict()) - {"architectures", "model_type", "transformers_version", "_name_or_path"}
+    fields = set(cfg_cls().to_dict()) - {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "_name_or_path",
+    }
     model = model_cls(cfg_cls(**{k: v for k, v in cfg.items() if k in fields})).eval()
     try:
         state = load_file(f"{ckpt_dir}/model.safetensors")
     except FileNotFoundError:
         state = torch.load(f"{ckpt_dir}/pytorch_model.bin", weights_only=True)
-    state = {k.replace("conv.weight_g", "conv.parametrizations.weight.original0")
-              .replace("conv.weight_v", "conv.parametrizations.weight.original1"): v for k, v in state.items()}
+    state = {
+        k.replace("conv.weight_g", "conv.parametrizations.weight.original0").replace(
+            "conv.weight_v", "conv.parametrizations.weight.original1"
+        ): v
+        for k, v in state.items()
+    }
     model.load_state_dict(state, strict=True)
     return model
 
@@ -98,8 +116,10 @@ def segments(sr: int, lengths=(4000, 6400, 4000, 5200, 6400, 4000), seed: int = 
     rng = np.random.default_rng(seed)
     t = [np.arange(n) / sr for n in lengths]
     # tone + noise with an offset and a scale, so normalization changes the input
-    return [(0.3 * np.sin(2 * np.pi * 440 * ti) + 0.2 * rng.standard_normal(len(ti)) + 0.05).astype(np.float32)
-            for ti in t]
+    return [
+        (0.3 * np.sin(2 * np.pi * 440 * ti) + 0.2 * rng.standard_normal(len(ti)) + 0.05).astype(np.float32)
+        for ti in t
+    ]
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
@@ -165,7 +185,7 @@ def test_batch_equals_one_by_one(ckpt_dirs):
         emb = Embedder(loaded, normalize=True)
         x = np.stack(segments(loaded.spec.sample_rate, lengths=(6000,) * 4, seed=5))
         batch = emb.embed(x)
-        singles = np.concatenate([emb.embed(x[i:i + 1]) for i in range(len(x))])
+        singles = np.concatenate([emb.embed(x[i : i + 1]) for i in range(len(x))])
         assert close(batch, singles), name
 
 

@@ -36,7 +36,9 @@ GOOD = {  # name -> (format, seconds)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny-95M", like="MERT-v1-95M", size="tiny")
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("model") / "tiny-95M", like="MERT-v1-95M", size="tiny"
+    )
 
 
 def dim_of(model_dir: Path) -> int:
@@ -62,8 +64,15 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def cfg(inp, out, model, **kw) -> RunConfig:
-    base = dict(input=str(inp), output=str(out), model=str(model), progress=False, batch_size=4,
-                max_error_rate=1.0, commit_interval_s=3600)
+    base = dict(
+        input=str(inp),
+        output=str(out),
+        model=str(model),
+        progress=False,
+        batch_size=4,
+        max_error_rate=1.0,
+        commit_interval_s=3600,
+    )
     base.update(kw)
     return RunConfig(**base)
 
@@ -106,7 +115,9 @@ def test_every_input_has_one_ledger_row_with_the_right_status(table_run, corpus)
         assert by_name[name]["duration_s"] == pytest.approx(GOOD[name][1], abs=0.08)
     assert by_name["a_chords.wav"]["segments"] == 3  # 12 s: windows at 0 and 5 s, and a 2 s partial at 10 s
     assert by_name["e_random.mp3"]["status"] == "error"
-    assert by_name["e_random.mp3"]["error_kind"] and "e_random.mp3" in by_name["e_random.mp3"]["error_message"]
+    assert (
+        by_name["e_random.mp3"]["error_kind"] and "e_random.mp3" in by_name["e_random.mp3"]["error_message"]
+    )
     assert by_name["f_empty.wav"]["status"] == "error"
     assert by_name["g_short.wav"]["status"] == "too_short"
     c = summary["counts"]
@@ -123,10 +134,14 @@ def test_features_equal_the_embedders_direct_output(table_run, corpus, model_dir
         for name in ("a_chords.wav", "c_chords.mp3", "d_chords.ogg"):
             uri = "file://" + str(corpus / name)
             segs, vecs, _ = direct_features(uri, model_dir, [layer])
-            rows = got.filter(pa.compute.equal(got.column("recording_id"), uri)).sort_by("segment").to_pylist()
+            rows = (
+                got.filter(pa.compute.equal(got.column("recording_id"), uri)).sort_by("segment").to_pylist()
+            )
             assert [r["segment"] for r in rows] == [s.index for s in segs]
             for r, s, v in zip(rows, segs, vecs, strict=True):
-                assert r["start_s"] == pytest.approx(s.start_s) and r["duration_s"] == pytest.approx(s.duration_s)
+                assert r["start_s"] == pytest.approx(s.start_s) and r["duration_s"] == pytest.approx(
+                    s.duration_s
+                )
                 np.testing.assert_allclose(np.array(r["embedding"]), v[0], rtol=1e-4, atol=1e-5)
 
 
@@ -136,18 +151,37 @@ def test_provenance_in_every_footer_and_plain_readers_agree(table_run):
     assert files and all(f.parent.name.startswith("layer=") for f in files)
     for f in files:
         md = pq.read_schema(f).metadata
-        for key in ("model", "model_content_hash", "sample_rate", "frame_rate", "window_s", "hop_s",
-                    "min_segment_s", "granularity", "normalize", "compute_dtype", "storage_dtype", "layers",
-                    "pipeline_version", "table_schema_version", "torch_version", "device", "config_hash"):
+        for key in (
+            "model",
+            "model_content_hash",
+            "sample_rate",
+            "frame_rate",
+            "window_s",
+            "hop_s",
+            "min_segment_s",
+            "granularity",
+            "normalize",
+            "compute_dtype",
+            "storage_dtype",
+            "layers",
+            "pipeline_version",
+            "table_schema_version",
+            "torch_version",
+            "device",
+            "config_hash",
+        ):
             assert f"mert.{key}".encode() in md, key
         assert pq.ParquetFile(f).metadata.row_group(0).column(5).compression == "ZSTD"
     lib = read_features(str(out), 1)
     plain = pads.dataset(out / "features", format="parquet", partitioning="hive").to_table(
-        filter=pads.field("layer") == 1)
+        filter=pads.field("layer") == 1
+    )
     assert plain.num_rows == lib.num_rows
     assert plain.schema.field("embedding").type == lib.schema.field("embedding").type  # fixed_size_list kept
-    n = duckdb.sql(f"select count(*) from read_parquet('{out}/features/*/*.parquet', hive_partitioning=true) "
-                   "where layer = 1").fetchall()[0][0]
+    n = duckdb.sql(
+        f"select count(*) from read_parquet('{out}/features/*/*.parquet', hive_partitioning=true) "
+        "where layer = 1"
+    ).fetchall()[0][0]
     assert n == lib.num_rows
     df = read_features(str(out), 1).to_pandas()
     assert len(df) == lib.num_rows
@@ -190,8 +224,12 @@ def test_options_float16_layers_and_granularities(corpus, model_dir, tmp_path):
     assert t.schema.field("embedding").type == pa.list_(pa.float16(), dim_of(model_dir))
     assert sorted(p.name for p in (tmp_path / "f16" / "features").iterdir()) == ["layer=0", "layer=2"]
     segs, vecs, emb = direct_features("file://" + str(small / "a_chords.wav"), model_dir, [2])
-    row0 = t.filter(pa.compute.and_(pa.compute.equal(t.column("segment"), 0),
-                                    pa.compute.match_substring(t.column("recording_id"), "a_chords"))).to_pylist()[0]
+    row0 = t.filter(
+        pa.compute.and_(
+            pa.compute.equal(t.column("segment"), 0),
+            pa.compute.match_substring(t.column("recording_id"), "a_chords"),
+        )
+    ).to_pylist()[0]
     np.testing.assert_allclose(np.array(row0["embedding"], np.float32), vecs[0][0], rtol=2e-3, atol=2e-3)
     assert seg16["counts"]["ok"] == 2
 
@@ -207,8 +245,14 @@ def test_options_float16_layers_and_granularities(corpus, model_dir, tmp_path):
 
     run(cfg(small, tmp_path / "frames", model_dir, granularity="frame", layers=(2,)))
     fr = read_features(str(tmp_path / "frames"), 2)
-    segs, vecs, emb = direct_features("file://" + str(small / "d_chords.ogg"), model_dir, [2], granularity="frame")
-    rows = fr.filter(pa.compute.match_substring(fr.column("recording_id"), "d_chords")).sort_by("segment").to_pylist()
+    segs, vecs, emb = direct_features(
+        "file://" + str(small / "d_chords.ogg"), model_dir, [2], granularity="frame"
+    )
+    rows = (
+        fr.filter(pa.compute.match_substring(fr.column("recording_id"), "d_chords"))
+        .sort_by("segment")
+        .to_pylist()
+    )
     assert len(rows) == len(segs)
     got = np.array(rows[0]["embedding"])  # (T, D)
     assert got.shape == vecs[0][0].shape and rows[0]["frame_rate"] == 75.0
@@ -240,8 +284,11 @@ def test_error_rate_limit_stops_the_run_and_keeps_finished_work(model_dir, tmp_p
 def test_decoder_crash_and_hang_become_error_rows(model_dir, tmp_path):
     # The shared Ray was started with MERT_PIPELINE_FAULT_INJECTION (conftest): names with these markers make
     # the isolated decoder child crash or hang.
-    folder = make_corpus(tmp_path / "audio", names={"ok.wav": ("wav", 6.0), "x__crash_me__.wav": ("wav", 6.0),
-                                                    "y__hang_me__.wav": ("wav", 6.0)}, bad=False)
+    folder = make_corpus(
+        tmp_path / "audio",
+        names={"ok.wav": ("wav", 6.0), "x__crash_me__.wav": ("wav", 6.0), "y__hang_me__.wav": ("wav", 6.0)},
+        bad=False,
+    )
     summary = run(cfg(folder, tmp_path / "t", model_dir, decode_timeout_s=8))
     rows = {Path(r["uri"]).name: r for r in read_ledger(str(tmp_path / "t")).to_pylist()}
     assert rows["ok.wav"]["status"] == "ok"
@@ -282,12 +329,17 @@ def test_missing_bucket_and_bad_credentials_fail_fast(model_dir, s3_options, tmp
     # a server that checks credentials: every key is unknown to it
     port_server = _auth_moto_server()
     try:
-        opts = {"key": "AKIAWRONG", "secret": "wrong-secret-value",
-                "client_kwargs": {"endpoint_url": port_server[0], "region_name": "us-east-1"}}
+        opts = {
+            "key": "AKIAWRONG",
+            "secret": "wrong-secret-value",
+            "client_kwargs": {"endpoint_url": port_server[0], "region_name": "us-east-1"},
+        }
         with pytest.raises(PipelineError) as info:
             run(cfg("s3://some-bucket/audio/", tmp_path / "t2", model_dir, storage_options=opts))
         assert "wrong-secret-value" not in str(info.value)
-        assert any(w in str(info.value).lower() for w in ("denied", "credential", "invalidaccesskeyid", "forbidden"))
+        assert any(
+            w in str(info.value).lower() for w in ("denied", "credential", "invalidaccesskeyid", "forbidden")
+        )
     finally:
         port_server[1].terminate()
     assert time.time() - t0 < 60
@@ -299,8 +351,12 @@ def _auth_moto_server():
 
     port = _free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import urllib.request
 
     for _ in range(100):
@@ -315,7 +371,9 @@ def _auth_moto_server():
 def test_a_model_that_will_not_load_fails_fast(corpus, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "config.json").write_text(json.dumps({"model_type": "mert_model", "feature_extractor_cqt": True}))
+    (broken / "config.json").write_text(
+        json.dumps({"model_type": "mert_model", "feature_extractor_cqt": True})
+    )
     t0 = time.time()
     with pytest.raises(PipelineError, match="broken"):
         run(cfg(corpus, tmp_path / "t", broken))

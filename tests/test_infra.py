@@ -93,8 +93,12 @@ def cluster_specs() -> list[tuple[str, dict]]:
 
 def ray_containers(spec: dict) -> list[tuple[str, dict, dict]]:
     """(group, pod spec, container) for the head and every worker group."""
-    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
-    return [(name, g["template"]["spec"], c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+    groups = [("head", spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in spec.get("workerGroupSpecs", [])
+    ]
+    return [
+        (name, g["template"]["spec"], c) for name, g in groups for c in g["template"]["spec"]["containers"]
+    ]
 
 
 def _walk(node, path=""):
@@ -120,13 +124,20 @@ def _walk_dicts(node):
 
 # ------------------------------------------------------------------------------------------------ structure
 def test_every_manifest_parses_and_names_its_kind():
-    assert {p.name for p in MANIFESTS} >= {"raycluster.yaml", "rayjob.yaml", "configmap.yaml", "cronjob.yaml",
-                                           "raycronjob.yaml"}
+    assert {p.name for p in MANIFESTS} >= {
+        "raycluster.yaml",
+        "rayjob.yaml",
+        "configmap.yaml",
+        "cronjob.yaml",
+        "raycronjob.yaml",
+    }
     for path in MANIFESTS:
         docs = _docs(path)
         assert docs, f"{path.name}: no YAML document"
         for d in docs:
-            assert isinstance(d, dict) and d.get("apiVersion") and d.get("kind"), f"{path.name}: {str(d)[:80]}"
+            assert isinstance(d, dict) and d.get("apiVersion") and d.get("kind"), (
+                f"{path.name}: {str(d)[:80]}"
+            )
             assert (d.get("metadata") or {}).get("name") or d["metadata"].get("generateName"), path.name
     kinds = {d["kind"]: d["apiVersion"] for _, d in objects()}
     assert kinds["RayCluster"] == kinds["RayJob"] == kinds["RayCronJob"] == "ray.io/v1"
@@ -140,7 +151,9 @@ def test_every_ray_cluster_has_one_gpu_per_gpu_pod_a_cpu_group_and_token_auth():
         assert spec.get("authOptions", {}).get("mode") == "token", label
         assert Version(spec["rayVersion"]) >= Version("2.52"), label  # authOptions needs Ray >= 2.52
         head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
-        assert "nvidia.com/gpu" not in (head.get("resources", {}).get("limits") or {}), f"{label}: GPU on head"
+        assert "nvidia.com/gpu" not in (head.get("resources", {}).get("limits") or {}), (
+            f"{label}: GPU on head"
+        )
         gpu_groups, cpu_groups = [], []
         for g in spec["workerGroupSpecs"]:
             c = g["template"]["spec"]["containers"][0]
@@ -151,7 +164,9 @@ def test_every_ray_cluster_has_one_gpu_per_gpu_pod_a_cpu_group_and_token_auth():
                 assert "num-gpus" not in g.get("rayStartParams", {}) or g["rayStartParams"]["num-gpus"] == "1"
                 gpu_groups.append(g)
             else:
-                assert float(str(limits["cpu"])) >= 2, f"{label}/{g['groupName']}: a decode pod wants several CPUs"
+                assert float(str(limits["cpu"])) >= 2, (
+                    f"{label}/{g['groupName']}: a decode pod wants several CPUs"
+                )
                 cpu_groups.append(g)
         assert gpu_groups and cpu_groups, f"{label}: needs a GPU group and a CPU group"
 
@@ -174,10 +189,15 @@ def test_ray_pods_mount_the_run_config_and_a_model_cache_and_get_credentials_fro
             volumes = {v["name"]: v for v in pod.get("volumes", [])}
             mounts = {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", [])}
             assert mounts.get("/config", {}).get("configMap", {}).get("name") == RUN_CONFIGMAP, where
-            assert "emptyDir" in mounts.get(cfg.model_cache, {}), f"{where}: model_cache is not an emptyDir mount"
+            assert "emptyDir" in mounts.get(cfg.model_cache, {}), (
+                f"{where}: model_cache is not an emptyDir mount"
+            )
             refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
-            refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
-                     if "secretKeyRef" in e.get("valueFrom", {})]
+            refs += [
+                e["valueFrom"]["secretKeyRef"]["name"]
+                for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})
+            ]
             assert SECRET_NAME in refs, f"{where}: credentials must come from the Secret {SECRET_NAME}"
     images = {c["image"] for _, spec in cluster_specs() for _, _, c in ray_containers(spec)}
     assert len(images) == 1, images
@@ -191,8 +211,9 @@ def test_no_manifest_holds_a_secret_value():
             if isinstance(name, str) and SECRETISH.search(name) and ("value" in node):
                 pytest.fail(f"{label}: env {name} has an inline value; use valueFrom.secretKeyRef or envFrom")
     run = yaml.safe_load(run_yaml_text())
-    keys = [p for opt in ("storage_options", "output_storage_options")
-            for p, _ in _walk(run.get(opt) or {}, opt)]
+    keys = [
+        p for opt in ("storage_options", "output_storage_options") for p, _ in _walk(run.get(opt) or {}, opt)
+    ]
     bad = [k for k in keys if SECRETISH.search(k) or k.split(".")[-1] in ("key", "secret")]
     assert not bad, f"run.yaml storage_options hold credentials: {bad}"
     for path in MANIFESTS:
@@ -231,10 +252,13 @@ def _jobs_invocations(command: str) -> list[tuple[str, list[str]]]:
     words = _shell_words(command)
     out = []
     for i in range(len(words) - 2):
-        if re.fullmatch(r"python3?", Path(words[i]).name) and words[i + 1] == "-m" and \
-                words[i + 2].startswith("jobs."):
+        if (
+            re.fullmatch(r"python3?", Path(words[i]).name)
+            and words[i + 1] == "-m"
+            and words[i + 2].startswith("jobs.")
+        ):
             args = []
-            for w in words[i + 3:]:
+            for w in words[i + 3 :]:
                 if w in (";", "&&", "||", "|", "&"):
                     break
                 args.append(w)
@@ -306,14 +330,14 @@ def test_every_jobs_command_in_the_infra_readme_parses():
 def test_cronjob_creates_one_rayjob_per_tick_and_rbac_allows_it():
     from jobs.scheduled import parse_period
 
-    (_, cron), = _find("CronJob")
+    ((_, cron),) = _find("CronJob")
     spec = cron["spec"]
     assert spec["concurrencyPolicy"] == "Forbid"
     assert spec.get("startingDeadlineSeconds", 0) > 0
     pod = spec["jobTemplate"]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
-    (_, tpl), = [(label, d) for label, d in _find("RayJob") if "[RayJob]" in label]
+    ((_, tpl),) = [(label, d) for label, d in _find("RayJob") if "[RayJob]" in label]
     ((_, args),) = _jobs_invocations(tpl["spec"]["entrypoint"])
     ns = _parse("jobs.scheduled", args, "tick template")
     assert parse_period(ns.period) == int(env["PERIOD_S"]), "--period and PERIOD_S must agree"
@@ -323,9 +347,14 @@ def test_cronjob_creates_one_rayjob_per_tick_and_rbac_allows_it():
     for placeholder in PLACEHOLDERS:
         assert placeholder in script, f"the script never fills {placeholder}"
     assert "AlreadyExists" in script
-    (_, role), = _find("Role")
-    (_, binding), = _find("RoleBinding")
-    verbs = {v for r in role["rules"] if "ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] for v in r["verbs"]}
+    ((_, role),) = _find("Role")
+    ((_, binding),) = _find("RoleBinding")
+    verbs = {
+        v
+        for r in role["rules"]
+        if "ray.io" in r["apiGroups"] and "rayjobs" in r["resources"]
+        for v in r["verbs"]
+    }
     assert {"create", "get"} <= verbs
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert pod["serviceAccountName"] in {s["name"] for s in binding["subjects"]}
@@ -333,7 +362,7 @@ def test_cronjob_creates_one_rayjob_per_tick_and_rbac_allows_it():
 
 
 def test_raycronjob_schedules_a_rayjob_spec():
-    (_, rcj), = _find("RayCronJob")
+    ((_, rcj),) = _find("RayCronJob")
     assert len(rcj["spec"]["schedule"].split()) == 5
     job = rcj["spec"]["jobTemplate"]
     assert job["shutdownAfterJobFinishes"] is True and "rayClusterSpec" in job and "entrypoint" in job
@@ -346,7 +375,7 @@ def test_rayjob_shuts_its_cluster_down_and_retries_boundedly():
 
 
 def _cron_script() -> str:
-    (_, cron), = _find("CronJob")
+    ((_, cron),) = _find("CronJob")
     (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert c["command"][-1] == "-c"
     return c["args"][0]
@@ -373,7 +402,10 @@ esac
 
 
 def _run_cron_script(tmp_path: Path, **env) -> subprocess.CompletedProcess:
-    if shutil.which("bash") is None or subprocess.run(["date", "-u", "-d", "@0"], capture_output=True).returncode:
+    if (
+        shutil.which("bash") is None
+        or subprocess.run(["date", "-u", "-d", "@0"], capture_output=True).returncode
+    ):
         pytest.skip("needs bash and GNU date")
     (tmp_path / "bin").mkdir(exist_ok=True)
     kubectl = tmp_path / "bin" / "kubectl"
@@ -382,11 +414,17 @@ def _run_cron_script(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     (cm,) = [d for _, d in _find("ConfigMap") if "rayjob.yaml" in (d.get("data") or {})]
     (tmp_path / "rayjob.yaml").write_text(cm["data"]["rayjob.yaml"])
     (c,) = _find("CronJob")[0][1]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    full_env = {**os.environ, **{e["name"]: e["value"] for e in c["env"]},
-                "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "FAKE": str(tmp_path),
-                "TEMPLATE": str(tmp_path / "rayjob.yaml"), **env}
-    return subprocess.run(["bash", "-c", _cron_script()], env=full_env, capture_output=True, text=True,
-                          timeout=60)
+    full_env = {
+        **os.environ,
+        **{e["name"]: e["value"] for e in c["env"]},
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "FAKE": str(tmp_path),
+        "TEMPLATE": str(tmp_path / "rayjob.yaml"),
+        **env,
+    }
+    return subprocess.run(
+        ["bash", "-c", _cron_script()], env=full_env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cron_script_creates_the_ticks_rayjob_and_treats_already_exists_as_done(tmp_path):
@@ -462,15 +500,19 @@ def test_dockerfile_base_image_and_installs_match_pyproject():
     pins = _pins()
     for words in installs:
         assert "-c" in words and words[words.index("-c") + 1] == "infra/constraints.txt", words
-        reqs = [Requirement(w) for w in words[2:] if not w.startswith("-") and w != "infra/constraints.txt"
-                and not w.startswith(".")]
+        reqs = [
+            Requirement(w)
+            for w in words[2:]
+            if not w.startswith("-") and w != "infra/constraints.txt" and not w.startswith(".")
+        ]
         for r in reqs:  # an exact version anywhere in the Dockerfile must agree with pyproject and the pins
             for s in r.specifier:
                 if s.operator == "==" and "*" not in s.version:
                     assert Version(s.version) == pins[canonicalize_name(r.name)], r
         if reqs:
-            assert sorted(map(_key, reqs)) == sorted(map(_key, _image_requirements())), \
+            assert sorted(map(_key, reqs)) == sorted(map(_key, _image_requirements())), (
                 "the Dockerfile's dependency layer must list pyproject's dependencies (+ [s3]) exactly"
+            )
     assert any(".[s3]" in w for words in installs for w in words), "the project itself is installed with [s3]"
     assert re.search(r"^USER\s+(?!0\b|root\b)\S+", text, re.M), "the image must not run as root"
 

@@ -26,13 +26,17 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny-95M", like="MERT-v1-95M", size="tiny")
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("model") / "tiny-95M", like="MERT-v1-95M", size="tiny"
+    )
 
 
 def add_files(folder: Path, names: dict[str, float], seed: int = 0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (name, secs) in enumerate(names.items()):
-        write_audio(folder / name, music_like(secs, 32000, channels=2, seed=seed + i), 32000, name.rsplit(".", 1)[1])
+        write_audio(
+            folder / name, music_like(secs, 32000, channels=2, seed=seed + i), 32000, name.rsplit(".", 1)[1]
+        )
 
 
 def common(model_dir: Path) -> list[str]:
@@ -40,7 +44,9 @@ def common(model_dir: Path) -> list[str]:
 
 
 def tick(audio: Path, out: Path, model_dir: Path, when: str, *extra: str, capsys=None) -> tuple[int, dict]:
-    rc = scheduled.main(["tick", str(audio), str(out), *common(model_dir), "--tick", when, "--period", "1h", *extra])
+    rc = scheduled.main(
+        ["tick", str(audio), str(out), *common(model_dir), "--tick", when, "--period", "1h", *extra]
+    )
     got = capsys.readouterr() if capsys else None
     text = got.out if got else ""
     summary = json.loads(text) if text.strip().startswith("{") else {}
@@ -60,7 +66,9 @@ def segments_of(table: Path, layer: int = 0) -> dict[str, int]:
 
 def plain_segments(table: Path, layer: int = 0) -> dict[str, int]:
     """What a plain Parquet reader sees (no ledger, no commit protocol)."""
-    t = pads.dataset(table / "features" / f"layer={layer}", format="parquet").to_table(columns=["recording_id"])
+    t = pads.dataset(table / "features" / f"layer={layer}", format="parquet").to_table(
+        columns=["recording_id"]
+    )
     out: dict[str, int] = {}
     for rid in t.column("recording_id").to_pylist():
         out[Path(rid).name] = out.get(Path(rid).name, 0) + 1
@@ -73,7 +81,9 @@ def test_extract_takes_the_run_options_and_maps_outcomes_to_exit_codes(model_dir
     add_files(audio, {"a.wav": 6.0, "b.flac": 3.0})
     out = tmp_path / "table"
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text(f"input: {audio}\noutput: {out}\nmodel: {model_dir}\nbatch_size: 4\nlayers: [0, 2]\n")
+    yaml_file.write_text(
+        f"input: {audio}\noutput: {out}\nmodel: {model_dir}\nbatch_size: 4\nlayers: [0, 2]\n"
+    )
     # the same options as `mert-pipeline run`, from the same table: YAML, then flags over it
     from pipeline.cli import RUN_OPTIONS, config_from_args
 
@@ -110,8 +120,18 @@ def test_extract_takes_the_run_options_and_maps_outcomes_to_exit_codes(model_dir
     # the error-rate limit stops a run after committing what finished: that is a committed run, exit 0
     (audio / "junk1.mp3").write_bytes(b"\x00" * 3000)
     (audio / "junk2.mp3").write_bytes(b"\x01" * 3000)
-    rc = extract.main(["--config", str(yaml_file), "--quiet", "--json", "--max-error-rate", "0.5",
-                       "--error-rate-min-inputs", "1"])
+    rc = extract.main(
+        [
+            "--config",
+            str(yaml_file),
+            "--quiet",
+            "--json",
+            "--max-error-rate",
+            "0.5",
+            "--error-rate-min-inputs",
+            "1",
+        ]
+    )
     s = json.loads(capsys.readouterr().out)
     assert rc == extract.EXIT_OK and s["status"] == "stopped" and "error rate" in s["stop_reason"]
 
@@ -135,8 +155,13 @@ def test_ticks_process_each_file_once_and_a_repeated_tick_is_a_noop(model_dir, t
     assert rc == 0 and s3["status"] == "noop" and s3["done_by"] == s2["run_id"]
     assert sorted((out / "runs").iterdir()) == runs_before
     # the next tick picks the new file up
-    rc, s4 = tick(audio, out, model_dir, str(int(time.mktime((2026, 11, 25, 8, 30, 0, 0, 0, 0)) - time.timezone)),
-                  capsys=capsys)
+    rc, s4 = tick(
+        audio,
+        out,
+        model_dir,
+        str(int(time.mktime((2026, 11, 25, 8, 30, 0, 0, 0, 0)) - time.timezone)),
+        capsys=capsys,
+    )
     assert rc == 0 and s4["counts"]["processed"] == 1 and s4["tick"] == "2026-11-25T08:00:00Z/1h"
 
     ledger = read_ledger(str(out), latest=False)
@@ -163,8 +188,9 @@ def test_overlapping_ticks_are_kept_apart_by_the_lease(model_dir, tmp_path, caps
     results: dict[str, int] = {}
 
     def go(when: str, wait: str) -> None:
-        results[when] = scheduled.main(["tick", str(audio), str(out), *common(model_dir), "--tick", when,
-                                        "--lease-wait", wait])
+        results[when] = scheduled.main(
+            ["tick", str(audio), str(out), *common(model_dir), "--tick", when, "--lease-wait", wait]
+        )
 
     first = threading.Thread(target=go, args=("2026-11-25T06:00:00Z", "0"))
     first.start()
@@ -172,7 +198,10 @@ def test_overlapping_ticks_are_kept_apart_by_the_lease(model_dir, tmp_path, caps
     while not (out / "_lease.json").exists() and time.time() < deadline:
         time.sleep(0.01)
     # a second tick while the first holds the lease: refused without --lease-wait (exit 75, retry later) ...
-    assert scheduled.main(["tick", str(audio), str(out), *common(model_dir), "--tick", "2026-11-25T07:00:00Z"]) == 75
+    assert (
+        scheduled.main(["tick", str(audio), str(out), *common(model_dir), "--tick", "2026-11-25T07:00:00Z"])
+        == 75
+    )
     # ... and with --lease-wait it waits, then reads the ledger the first one committed
     second = threading.Thread(target=go, args=("2026-11-25T07:00:00Z", "300"))
     second.start()
@@ -212,9 +241,12 @@ def test_changed_input_supersedes_and_compact_rewrites_the_files(model_dir, tmp_
     assert plain_segments(out) == {"a.wav": 1, "b.wav": 2}  # plain readers now agree with the reader
     for layer in (0, 1, 2):
         assert sorted(read_features(str(out), layer).column("recording_id").to_pylist()) == sorted(
-            pads.dataset(out / "features" / f"layer={layer}").to_table().column("recording_id").to_pylist())
-    n = duckdb.sql(f"select count(*) from read_parquet('{out}/features/layer=2/*.parquet') "
-                   "where recording_id like '%a.wav'").fetchall()[0][0]
+            pads.dataset(out / "features" / f"layer={layer}").to_table().column("recording_id").to_pylist()
+        )
+    n = duckdb.sql(
+        f"select count(*) from read_parquet('{out}/features/layer=2/*.parquet') "
+        "where recording_id like '%a.wav'"
+    ).fetchall()[0][0]
     assert n == 1
     assert not (out / "_lease.json").exists()  # compact took the lease and gave it back
 
@@ -254,7 +286,9 @@ def test_deleted_inputs_are_tombstoned_when_mirrored(model_dir, tmp_path, capsys
 
 
 # ---- reprocessing --------------------------------------------------------------------------------------------
-def test_reprocess_writes_a_new_table_beside_the_old_and_promote_switches_readers(model_dir, tmp_path, capsys):
+def test_reprocess_writes_a_new_table_beside_the_old_and_promote_switches_readers(
+    model_dir, tmp_path, capsys
+):
     audio, root = tmp_path / "audio", tmp_path / "lake"
     add_files(audio, {"a.wav": 6.0, "b.flac": 3.0})
     other = write_random_checkpoint(tmp_path / "tiny-95M-rev2", like="MERT-v1-95M", size="tiny", seed=7)
@@ -288,8 +322,24 @@ def test_reprocess_writes_a_new_table_beside_the_old_and_promote_switches_reader
     # a tick whose output is the root writes into the current table (after a promote: the new one)
     assert "_current.json -> " in capsys.readouterr().out
     add_files(audio, {"c.wav": 3.0}, seed=5)
-    assert scheduled.main(["tick", str(audio), str(root), "--model", str(other), "--batch-size", "4", "--quiet",
-                           "--json", "--tick", "2026-11-25T06:00:00Z"]) == 0
+    assert (
+        scheduled.main(
+            [
+                "tick",
+                str(audio),
+                str(root),
+                "--model",
+                str(other),
+                "--batch-size",
+                "4",
+                "--quiet",
+                "--json",
+                "--tick",
+                "2026-11-25T06:00:00Z",
+            ]
+        )
+        == 0
+    )
     s3 = json.loads(capsys.readouterr().out)
     assert s3["config"]["output"] == str(new_table) and s3["counts"]["processed"] == 1
     assert read_features(str(root), 2).num_rows == 4
@@ -309,7 +359,10 @@ def test_promote_refuses_a_table_whose_last_run_did_not_complete(model_dir, tmp_
     add_files(audio, {"a.wav": 3.0})
     from pipeline.engine import run
 
-    run(RunConfig(input=str(audio), output=str(table), model=str(model_dir), progress=False), log=lambda m: None)
+    run(
+        RunConfig(input=str(audio), output=str(table), model=str(model_dir), progress=False),
+        log=lambda m: None,
+    )
     record = next((table / "runs").iterdir())
     data = json.loads(record.read_text())
     data["status"] = "interrupted"
@@ -352,8 +405,15 @@ def test_place_waits_for_gpus_to_join_then_fails_clearly():
 # ---- compact merges small shards -----------------------------------------------------------------------------
 def _rows(table: Path, layer: int) -> list[tuple]:
     t = read_features(str(table), layer)
-    return sorted(zip(t.column("recording_id").to_pylist(), t.column("segment").to_pylist(),
-                      t.column("start_s").to_pylist(), t.column("embedding").to_pylist(), strict=True))
+    return sorted(
+        zip(
+            t.column("recording_id").to_pylist(),
+            t.column("segment").to_pylist(),
+            t.column("start_s").to_pylist(),
+            t.column("embedding").to_pylist(),
+            strict=True,
+        )
+    )
 
 
 def test_compact_merges_small_shards_without_changing_what_readers_see(model_dir, tmp_path, capsys):

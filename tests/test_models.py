@@ -86,8 +86,9 @@ def test_hub_layout_loads_without_remote_code(tiny):
 @pytest.mark.parametrize("like", ["MERT-v1-95M", "MERT-v1-330M", "music2vec-v1"])
 def test_weight_norm_names_and_formats_give_the_same_model(tmp_path, like):
     a = write_random_checkpoint(tmp_path / "a", like, seed=3, weights="bin", pos_conv_names="weight_norm")
-    b = write_random_checkpoint(tmp_path / "b", like, seed=3, weights="safetensors",
-                                pos_conv_names="parametrizations")
+    b = write_random_checkpoint(
+        tmp_path / "b", like, seed=3, weights="safetensors", pos_conv_names="parametrizations"
+    )
     assert (b / "model.safetensors").exists() and not (b / "pytorch_model.bin").exists()
     la, lb = load_model(str(a)), load_model(str(b))
     x = np.random.default_rng(0).standard_normal((1, 5000)).astype(np.float32)
@@ -110,7 +111,9 @@ def test_masked_spec_embed_is_optional(tmp_path):
     sd.pop("masked_spec_embed")
     torch.save(sd, d / "pytorch_model.bin")
     load_model(str(d))  # training-only vector: a file without it still loads
-    d0 = write_random_checkpoint(tmp_path / "m0", "MERT-v1-95M", seed=1, config_overrides={"mask_time_prob": 0.0})
+    d0 = write_random_checkpoint(
+        tmp_path / "m0", "MERT-v1-95M", seed=1, config_overrides={"mask_time_prob": 0.0}
+    )
     assert "masked_spec_embed" not in _sd(d0)
     load_model(str(d0))
 
@@ -132,8 +135,11 @@ def test_full_size_configs_match_the_registry(tmp_path, name):
     model = build_model(cfg)  # built from config only (no weights, no run)
     assert len(model.encoder.layers) + 1 == spec.num_hidden_states
     assert model.config.hidden_size == spec.dim
-    expected_encoder = "HubertEncoderStableLayerNorm" if spec.pre_ln else ("HubertEncoder" if spec.family ==
-                                                                            "hubert" else "Data2VecAudioEncoder")
+    expected_encoder = (
+        "HubertEncoderStableLayerNorm"
+        if spec.pre_ln
+        else ("HubertEncoder" if spec.family == "hubert" else "Data2VecAudioEncoder")
+    )
     assert type(model.encoder).__name__ == expected_encoder
     if spec.family == "hubert":  # group-norm conv front end for every MERT model, 330M included
         assert type(model.feature_extractor.conv_layers[0]).__name__ == "HubertGroupNormConvLayer"
@@ -143,24 +149,34 @@ def test_full_size_configs_match_the_registry(tmp_path, name):
     d = tmp_path / name
     d.mkdir()
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": spec.sample_rate,
-                                                            "do_normalize": True}))
+    (d / "preprocessor_config.json").write_text(
+        json.dumps({"sampling_rate": spec.sample_rate, "do_normalize": True})
+    )
     got, config, do_norm = read_model_config(str(d))
     assert (got.num_hidden_states, got.dim, got.sample_rate, got.frame_rate, got.family, got.pre_ln) == (
-        spec.num_hidden_states, spec.dim, spec.sample_rate, spec.frame_rate, spec.family, spec.pre_ln)
+        spec.num_hidden_states,
+        spec.dim,
+        spec.sample_rate,
+        spec.frame_rate,
+        spec.family,
+        spec.pre_ln,
+    )
     assert config == cfg and do_norm is True
 
 
 @pytest.fixture(scope="module")
 def full_95m(tmp_path_factory) -> Path:
-    return write_random_checkpoint(tmp_path_factory.mktemp("full") / "MERT-v1-95M", "MERT-v1-95M", size="full")
+    return write_random_checkpoint(
+        tmp_path_factory.mktemp("full") / "MERT-v1-95M", "MERT-v1-95M", size="full"
+    )
 
 
 def test_full_size_95m_random_checkpoint_loads_and_embeds_five_seconds(full_95m):
     loaded = load_model(str(full_95m))
     spec = REGISTRY["MERT-v1-95M"]
-    out = Embedder(loaded).embed(np.random.default_rng(0).standard_normal((1, 5 * spec.sample_rate))
-                                 .astype(np.float32))
+    out = Embedder(loaded).embed(
+        np.random.default_rng(0).standard_normal((1, 5 * spec.sample_rate)).astype(np.float32)
+    )
     assert out.shape == (1, spec.num_hidden_states, spec.dim) and np.isfinite(out).all()
 
 
@@ -189,8 +205,10 @@ def _hub_cache(cache: Path, repo_id: str, ckpt: Path, commit: str) -> None:
 
 def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
     _offline(monkeypatch, tmp_path / "empty-hf-cache")
-    with pytest.raises(ModelLoadError, match="m-a-p/MERT-v1-95M.*hub is unreachable.*local directory or an "
-                                             "object-storage prefix"):
+    with pytest.raises(
+        ModelLoadError,
+        match="m-a-p/MERT-v1-95M.*hub is unreachable.*local directory or an object-storage prefix",
+    ):
         load_model("MERT-v1-95M")
     with pytest.raises(ModelLoadError, match="hub is unreachable"):
         read_model_config("m-a-p/MERT-v0@main")
@@ -277,7 +295,9 @@ def test_missing_key(tmp_path, tiny):
     sd = _sd(d)
     sd.pop("encoder.layers.1.attention.q_proj.weight")
     torch.save(sd, d / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match=r"pytorch_model.bin.*1 missing keys \['encoder.layers.1.attention"):
+    with pytest.raises(
+        ModelLoadError, match=r"pytorch_model.bin.*1 missing keys \['encoder.layers.1.attention"
+    ):
         load_model(str(d))
 
 
@@ -310,7 +330,9 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv(MARKER_ENV, str(marker))
     torch.save({"encoder.layer_norm.weight": _Exploit()}, d / "pytorch_model.bin")
     assert not marker.exists()
-    with pytest.raises(ModelLoadError, match=rf"{d}/pytorch_model.bin.*refused by torch.load\(weights_only=True\)"):
+    with pytest.raises(
+        ModelLoadError, match=rf"{d}/pytorch_model.bin.*refused by torch.load\(weights_only=True\)"
+    ):
         load_model(str(d))
     assert not marker.exists()
 
@@ -352,8 +374,9 @@ def count_downloads(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_s3_prefix_is_staged_once_and_restaged_when_it_changes(tmp_path, tiny, s3_options, s3_bucket,
-                                                               count_downloads):
+def test_s3_prefix_is_staged_once_and_restaged_when_it_changes(
+    tmp_path, tiny, s3_options, s3_bucket, count_downloads
+):
     uri = f"s3://{s3_bucket}/models/MERT-tiny"
     _upload(tiny, s3_options, uri)
     cache = tmp_path / "cache"
@@ -364,7 +387,9 @@ def test_s3_prefix_is_staged_once_and_restaged_when_it_changes(tmp_path, tiny, s
     assert loaded.content_hash == load_model(str(tiny)).content_hash
     again = load_model(uri, storage_options=s3_options, cache_dir=str(cache))
     assert again.local_dir == loaded.local_dir and len(count_downloads) == 3  # reused, nothing downloaded
-    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [Path(loaded.local_dir).name]
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [
+        Path(loaded.local_dir).name
+    ]
     assert read_model_config(uri, storage_options=s3_options)[0] == loaded.spec
     # a new checkpoint under the same prefix is staged again
     other = write_random_checkpoint(tmp_path / "other", "MERT-v1-95M", seed=99)
@@ -424,15 +449,26 @@ def test_concurrent_processes_stage_one_copy(tmp_path, tiny, s3_options, s3_buck
     _upload(tiny, s3_options, uri)
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", _STAGE, uri, json.dumps(s3_options), str(cache)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _STAGE, uri, json.dumps(s3_options), str(cache)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     dirs = {json.loads(o[0].strip().splitlines()[-1]) for o in outs}
     assert len(dirs) == 1
     staged = Path(dirs.pop())
-    assert sorted(p.name for p in staged.iterdir()) == [".complete", "config.json", "preprocessor_config.json",
-                                                        "pytorch_model.bin"]
+    assert sorted(p.name for p in staged.iterdir()) == [
+        ".complete",
+        "config.json",
+        "preprocessor_config.json",
+        "pytorch_model.bin",
+    ]
     assert [p.name for p in cache.iterdir() if ".tmp-" in p.name] == []  # no half-written copies left
     assert (staged / "pytorch_model.bin").read_bytes() == (tiny / "pytorch_model.bin").read_bytes()

@@ -72,7 +72,7 @@ def _run_segmenter(x: np.ndarray, sr: int, cfg: SegmentConfig, rng: np.random.Ge
     peak_buffer = 0
     while pos < x.size:
         n = int(rng.integers(0, max_chunk + 1))
-        out += seg.push(x[pos: pos + n])
+        out += seg.push(x[pos : pos + n])
         peak_buffer = max(peak_buffer, seg._buf.size)
         pos += n
     out += seg.finish()
@@ -95,7 +95,7 @@ def test_segmenter_matches_segment_bounds_for_random_chunkings(seed: int) -> Non
     assert [s.index for s in segs] == list(range(len(bounds)))
     for s, (start, length) in zip(segs, bounds, strict=True):
         assert s.samples.dtype == np.float32
-        np.testing.assert_array_equal(s.samples, x[start: start + length])
+        np.testing.assert_array_equal(s.samples, x[start : start + length])
         assert s.duration_s == pytest.approx(length / sr)
     w = round(window * sr)
     h = round(hop * sr)

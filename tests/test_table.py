@@ -16,8 +16,13 @@ from pipeline.inputs import InputItem
 from pipeline.table import LEDGER_SCHEMA, FeatureTable, LeaseHeld, feature_schema
 
 DIM = 4
-META = {"schema_version": 1, "config_hash": "abc", "dim": DIM, "provenance": {},
-        "config": {"layers": [0, 1], "storage_dtype": "float32", "granularity": "segment", "window_s": 5.0}}
+META = {
+    "schema_version": 1,
+    "config_hash": "abc",
+    "dim": DIM,
+    "provenance": {},
+    "config": {"layers": [0, 1], "storage_dtype": "float32", "granularity": "segment", "window_s": 5.0},
+}
 
 
 def layer_rows(run_id: str, shard: int, recs: dict[str, int], value: float) -> pa.Table:
@@ -25,16 +30,36 @@ def layer_rows(run_id: str, shard: int, recs: dict[str, int], value: float) -> p
     rows = [(rid, s) for rid, n in recs.items() for s in range(n)]
     n = len(rows)
     return pa.Table.from_arrays(
-        [pa.array([r for r, _ in rows]), pa.array([s for _, s in rows], pa.int32()),
-         pa.array([5.0 * s for _, s in rows]), pa.array([5.0] * n), pa.array([374] * n, pa.int32()),
-         pa.FixedSizeListArray.from_arrays(pa.array(np.full(n * DIM, value, np.float32)), DIM),
-         pa.array([run_id] * n), pa.array([shard] * n, pa.int32())], schema=schema)
+        [
+            pa.array([r for r, _ in rows]),
+            pa.array([s for _, s in rows], pa.int32()),
+            pa.array([5.0 * s for _, s in rows]),
+            pa.array([5.0] * n),
+            pa.array([374] * n, pa.int32()),
+            pa.FixedSizeListArray.from_arrays(pa.array(np.full(n * DIM, value, np.float32)), DIM),
+            pa.array([run_id] * n),
+            pa.array([shard] * n, pa.int32()),
+        ],
+        schema=schema,
+    )
 
 
 def ledger(run_id: str, shard: int, recs: dict[str, tuple[str, str]], t: int) -> pa.Table:
-    rows = [{"recording_id": rid, "uri": rid, "fingerprint": fp, "status": st, "error_kind": None if st == "ok"
-             else "decode", "retryable": False, "segments": 2 if st == "ok" else 0, "run_id": run_id,
-             "shard": shard, "committed_at_ns": t} for rid, (fp, st) in recs.items()]
+    rows = [
+        {
+            "recording_id": rid,
+            "uri": rid,
+            "fingerprint": fp,
+            "status": st,
+            "error_kind": None if st == "ok" else "decode",
+            "retryable": False,
+            "segments": 2 if st == "ok" else 0,
+            "run_id": run_id,
+            "shard": shard,
+            "committed_at_ns": t,
+        }
+        for rid, (fp, st) in recs.items()
+    ]
     return pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
 
 
@@ -77,7 +102,9 @@ def test_reader_hides_uncommitted_superseded_and_errors(table):
 def test_vacuum_makes_plain_readers_agree(table, tmp_path):
     commit(table, "r1", 0, {"a": ("f1", "ok"), "b": ("f1", "ok")}, 1.0, 100)
     for layer in (0, 1):
-        table.write_parquet(f"{table.layer_dir(layer)}/dead-00000.parquet", layer_rows("dead", 0, {"c": 2}, 9.0))
+        table.write_parquet(
+            f"{table.layer_dir(layer)}/dead-00000.parquet", layer_rows("dead", 0, {"c": 2}, 9.0)
+        )
     commit(table, "r2", 0, {"a": ("f2", "ok")}, 2.0, 200)
     out = table.vacuum()
     assert len(out["removed_files"]) == 2  # the dead run's uncommitted files, one per layer
@@ -85,8 +112,17 @@ def test_vacuum_makes_plain_readers_agree(table, tmp_path):
     lib = table.read_layer(0)
     files = [f for f in table.fs.find(table.layer_dir(0)) if f.endswith(".parquet")]
     plain = pads.dataset(files, filesystem=table.fs, format="parquet").to_table()
-    key = lambda t: sorted(zip(t.column("recording_id").to_pylist(), t.column("run_id").to_pylist(),  # noqa: E731
-                               t.column("segment").to_pylist(), strict=True))
+
+    def key(t):
+        return sorted(
+            zip(
+                t.column("recording_id").to_pylist(),
+                t.column("run_id").to_pylist(),
+                t.column("segment").to_pylist(),
+                strict=True,
+            )
+        )
+
     assert key(plain) == key(lib)
     assert plain.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
     assert table.vacuum() == {"removed_files": [], "rewritten_files": [], "superseded_rows_dropped": 0}
@@ -115,16 +151,24 @@ def test_compact_is_a_writer_it_takes_the_lease(table):
 
 
 def test_a_tombstone_hides_a_recording_and_vacuum_drops_its_rows(table):
-    table.commit_shard("r1", 0, {0: layer_rows("r1", 0, {"a": 2, "b": 2}, 1.0)},
-                       ledger("r1", 0, {"a": ("fa", "ok"), "b": ("fb", "ok")}, 1), {})
+    table.commit_shard(
+        "r1",
+        0,
+        {0: layer_rows("r1", 0, {"a": 2, "b": 2}, 1.0)},
+        ledger("r1", 0, {"a": ("fa", "ok"), "b": ("fb", "ok")}, 1),
+        {},
+    )
     table.commit_shard("r2", 0, {}, ledger("r2", 0, {"b": ("fb", "deleted")}, 2), {})
     assert sorted(set(table.read_layer(0).column("recording_id").to_pylist())) == ["a"]
     assert table.vacuum()["superseded_rows_dropped"] == 2
     plain = pads.dataset(table.layer_dir(0), filesystem=table.fs, format="parquet").to_table()
     assert sorted(set(plain.column("recording_id").to_pylist())) == ["a"]
     # a tombstoned recording whose input comes back is processed again, even with the same fingerprint
-    todo, skipped = select_work([InputItem("b", "b", "fb", 1), InputItem("a", "a", "fa", 1)],
-                                table.ledger(latest=True), retry_errors=False)
+    todo, skipped = select_work(
+        [InputItem("b", "b", "fb", 1), InputItem("a", "a", "fa", 1)],
+        table.ledger(latest=True),
+        retry_errors=False,
+    )
     assert [i.recording_id for i in todo] == ["b"] and skipped == 1
 
 
@@ -169,8 +213,16 @@ def test_stale_lease_of_a_dead_local_process_is_taken_at_once(tmp_path):
 
     t = FeatureTable(str(tmp_path / "t"))
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "_lease.json").write_text(json.dumps(
-        {"run_id": "dead", "host": socket.gethostname(), "pid": 2**22 + 12345, "expires_at": time.time() + 3600}))
+    (tmp_path / "t" / "_lease.json").write_text(
+        json.dumps(
+            {
+                "run_id": "dead",
+                "host": socket.gethostname(),
+                "pid": 2**22 + 12345,
+                "expires_at": time.time() + 3600,
+            }
+        )
+    )
     t.acquire_lease("alive", ttl_s=10)
     assert t.read_lease().run_id == "alive"
     t.release_lease()
@@ -178,21 +230,34 @@ def test_stale_lease_of_a_dead_local_process_is_taken_at_once(tmp_path):
 
 def test_other_configuration_is_refused(table):
     other = dict(META, config_hash="zzz", config=dict(META["config"], window_s=3.0))
-    with pytest.raises(PipelineError, match="another configuration.*window_s: table has 5.0, this run has 3.0"):
+    with pytest.raises(
+        PipelineError, match="another configuration.*window_s: table has 5.0, this run has 3.0"
+    ):
         table.init_or_check(other)
 
 
 def test_select_work_skips_settled_inputs_and_retries_transient_errors():
-    led = pa.Table.from_pylist([
-        {"recording_id": "ok", "fingerprint": "1", "status": "ok", "retryable": False},
-        {"recording_id": "changed", "fingerprint": "1", "status": "ok", "retryable": False},
-        {"recording_id": "short", "fingerprint": "1", "status": "too_short", "retryable": False},
-        {"recording_id": "flaky", "fingerprint": "1", "status": "error", "retryable": True},
-        {"recording_id": "broken", "fingerprint": "1", "status": "error", "retryable": False},
-    ], schema=pa.schema([("recording_id", pa.string()), ("fingerprint", pa.string()), ("status", pa.string()),
-                         ("retryable", pa.bool_())]))
-    items = [InputItem(r, r, "2" if r == "changed" else "1", 1) for r in
-             ("ok", "changed", "short", "flaky", "broken", "new")]
+    led = pa.Table.from_pylist(
+        [
+            {"recording_id": "ok", "fingerprint": "1", "status": "ok", "retryable": False},
+            {"recording_id": "changed", "fingerprint": "1", "status": "ok", "retryable": False},
+            {"recording_id": "short", "fingerprint": "1", "status": "too_short", "retryable": False},
+            {"recording_id": "flaky", "fingerprint": "1", "status": "error", "retryable": True},
+            {"recording_id": "broken", "fingerprint": "1", "status": "error", "retryable": False},
+        ],
+        schema=pa.schema(
+            [
+                ("recording_id", pa.string()),
+                ("fingerprint", pa.string()),
+                ("status", pa.string()),
+                ("retryable", pa.bool_()),
+            ]
+        ),
+    )
+    items = [
+        InputItem(r, r, "2" if r == "changed" else "1", 1)
+        for r in ("ok", "changed", "short", "flaky", "broken", "new")
+    ]
     todo, skipped = select_work(items, led, retry_errors=False)
     assert [i.recording_id for i in todo] == ["changed", "flaky", "new"] and skipped == 3
     todo, skipped = select_work(items, led, retry_errors=True)
