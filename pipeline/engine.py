@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -25,6 +26,7 @@ from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineError, RunInterrupted, RunStopped
 from pipeline.inputs import InputItem, list_inputs, read_manifest
+from pipeline.progress import Progress
 from pipeline.stages import decode_batch, layer_column
 from pipeline.table import (
     LEDGER_SCHEMA,
@@ -314,6 +316,51 @@ class ShardWriter:
 
 
 # ---- Ray -------------------------------------------------------------------------------------------------------
+class RayMetrics:
+    """The run's metrics through Ray's metrics API (ray.util.metrics), which every node's metrics agent exports
+    for Prometheus (names get Ray's `ray_` prefix; see the README). A progress.MetricsSink.
+
+    mert_audio_seconds_embedded (counter), mert_segments_embedded (counter), mert_inputs (counter, by status and
+    error kind), mert_segments_per_second and mert_audio_seconds_per_second (gauges), each tagged with the model.
+    """
+
+    def __init__(self, model: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"model": model}
+        keys = ("model",)
+        self._audio = Counter("mert_audio_seconds_embedded", "segment audio embedded (s)", tag_keys=keys)
+        self._segments = Counter("mert_segments_embedded", "segments embedded", tag_keys=keys)
+        self._inputs = Counter(
+            "mert_inputs",
+            "inputs finished, by status and error kind",
+            tag_keys=(*keys, "status", "error_kind"),
+        )
+        self._seg_rate = Gauge("mert_segments_per_second", "segments embedded per second", tag_keys=keys)
+        self._audio_rate = Gauge(
+            "mert_audio_seconds_per_second", "audio s embedded per second", tag_keys=keys
+        )
+
+    def segments(self, audio_s: float, count: int) -> None:
+        self._audio.inc(audio_s, tags=self.tags)
+        self._segments.inc(count, tags=self.tags)
+
+    def input_done(self, status: str, error_kind: str | None) -> None:
+        self._inputs.inc(1, tags={**self.tags, "status": status, "error_kind": error_kind or "none"})
+
+    def rate(self, segments_per_s: float, audio_s_per_s: float) -> None:
+        self._seg_rate.set(segments_per_s, tags=self.tags)
+        self._audio_rate.set(audio_s_per_s, tags=self.tags)
+
+
+class _QuietProgressWarning(logging.Filter):
+    """Ray Data warns "Progress bars disabled" once per process when its own bars are off; the run has its own
+    progress (pipeline.progress), so the warning only confuses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
 def connect(cfg: RunConfig, log: Log):
     """Join the cluster (cfg.address or RAY_ADDRESS), or start a local Ray."""
     import ray
@@ -491,6 +538,9 @@ def build_dataset(
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    quiet = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _QuietProgressWarning) for f in quiet.filters):
+        quiet.addFilter(_QuietProgressWarning())
     ctx.print_on_execution_start = False
     seg = cfg.segment_config()
     window_bytes = int(round(seg.window_s * facts.spec.sample_rate)) * 4  # one window of float32 audio
@@ -757,15 +807,21 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
             assembler = Assembler()
             first: list[dict] = []
             stop_reason = None
-            beat = _Heartbeat(
-                lambda: _progress_line(counts, len(todo), audio_s, t0), log, every=10.0 if cfg.progress else 0
+            sizes = {i.recording_id: i.size for i in todo}
+            beat = Progress(
+                counts,
+                len(todo),
+                sum(sizes.values()),
+                log,
+                every_s=10.0 if cfg.progress else 0,
+                metrics=RayMetrics(facts.spec.name),
             )
             # prefetch_batches=0: each block reaches the driver when its task finishes. Ray's prefetcher
             # holds finished blocks back until it has more of them (with 2, a short run delivered everything
             # at the end), which delays commits and progress; the executor keeps running either way.
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 with signals.hold():  # a signal here waits for the block's commit, then ends the loop
-                    _time_block(timings, block, t0)
+                    beat.segments(*_time_block(timings, block, t0))
                     for record, segs in assembler.add(block):
                         counts["processed"] += 1
                         status = record["status"]
@@ -777,6 +833,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                             counts["truncated"] += 1
                         if status == "ok":
                             audio_s += float(record.get("duration_s") or 0.0)
+                        beat.input_done(record, sizes.get(record["recording_id"], 0))
                         writer.add(record, segs)
                         if writer.due():
                             writer.commit()
@@ -801,7 +858,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                         writer.commit()
                 if stop_reason or signals.received:
                     break
-            beat.stop()
+            beat.close()
             with signals.hold():
                 writer.commit()
             if signals.received:
@@ -831,7 +888,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     finally:
         with signals.hold():
             if beat is not None:
-                beat.stop()
+                beat.close()
             if attempts is not None:
                 attempts.close()
             wall = time.time() - t0
@@ -916,47 +973,22 @@ class _Signals:
         return _hold()
 
 
-def _progress_line(counts: dict, total: int, audio_s: float, t0: float) -> str:
-    el = time.time() - t0
-    return (
-        f"[mert] {counts['processed']}/{total} inputs done ({counts['ok']} ok, {counts['error']} error, "
-        f"{counts['too_short']} too short), {audio_s / 3600:.3f} audio h in {el:.0f} s, "
-        f"{audio_s / max(el, 1e-9):.1f} audio s/s"
-    )
-
-
-class _Heartbeat:
-    """Prints a progress line every `every` seconds from a thread, also while the driver waits on the model."""
-
-    def __init__(self, line: Callable[[], str], log: Log, every: float):
-        self._stop = threading.Event()
-        self._line, self._log, self._every = line, log, every
-        if every > 0:
-            threading.Thread(target=self._run, name="mert-progress", daemon=True).start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._every):
-            self._log(self._line())
-
-    def stop(self) -> None:
-        if not self._stop.is_set():
-            self._stop.set()
-            if self._every > 0:
-                self._log(self._line())
-
-
-def _time_block(timings: dict, block: pa.Table, t0: float) -> None:
-    """Note when an embedded block reached the driver and how much segment audio (seconds) it carries."""
+def _time_block(timings: dict, block: pa.Table, t0: float) -> tuple[float, int]:
+    """Note when an embedded block reached the driver; returns the segment audio (seconds) and the number of
+    segment rows it carries."""
     import pyarrow.compute as pc
 
     now = round(time.time() - t0, 3)
-    seg = pc.sum(pc.filter(block.column("duration_s"), pc.is_null(block.column("record")))).as_py() or 0.0
+    is_seg = pc.is_null(block.column("record"))
+    seg = pc.sum(pc.filter(block.column("duration_s"), is_seg)).as_py() or 0.0
+    count = int(pc.sum(pc.cast(is_seg, pa.int64())).as_py() or 0)
     if "first_output_s" not in timings:
         timings["first_output_s"] = now
         timings["steady_audio_s"] = 0.0  # audio delivered after the first block
     else:
         timings["steady_audio_s"] += seg
     timings["last_output_s"] = now
+    return seg, count
 
 
 def _steady(timings: dict) -> dict:
