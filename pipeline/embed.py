@@ -13,6 +13,7 @@ are skipped (except for pre-LN models when the last entry is selected, which nee
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -86,8 +87,9 @@ class Embedder:
 
         if self.device.type == "cuda" and dtype == "float32":
             _disable_tf32()
-        self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
-        num_layers = len(self.model.encoder.layers)
+        # HubertModel or Data2VecAudioModel: their submodules are reached by name, so typed as Any
+        self.model: Any = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        num_layers = len(cast(Any, self.model).encoder.layers)
         if num_layers != self.spec.num_layers:
             raise ValueError(
                 f"{self.spec.name}: the model has {num_layers} layers, the spec says {self.spec.num_layers}"

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import PipelineError, RunInterrupted, RunStopped
 from pipeline.inputs import InputItem, list_inputs, read_manifest
 from pipeline.progress import Progress
+from pipeline.registry import ModelSpec
 from pipeline.stages import decode_batch, layer_column
 from pipeline.table import (
     LEDGER_SCHEMA,
@@ -49,7 +51,7 @@ def _stderr(msg: str) -> None:
 # ---- planning ------------------------------------------------------------------------------------------------
 @dataclass
 class ModelFacts:
-    spec: object
+    spec: ModelSpec
     layers: tuple[int, ...]
     normalize: bool
     provenance: dict
@@ -370,9 +372,9 @@ def connect(cfg: RunConfig, log: Log):
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
-            ray.init(logging_level="WARNING", include_dashboard=False)
+            ray.init(logging_level=logging.WARNING, include_dashboard=False)
     except Exception as exc:  # noqa: BLE001 - systemic
         raise PipelineError(
             f"cannot start or join Ray ({address or 'local'}): {type(exc).__name__}: {exc}"
@@ -427,17 +429,19 @@ def wait_for_gpus(ray, want: int, have: int, wait_s: float, log: Log) -> int:
     """GPU pods that are still starting, or an autoscaler that adds GPU nodes on demand: ask the autoscaler for
     `want` GPU bundles (a no-op without one) and wait until the cluster offers them, or wait_s passes."""
     log(f"[mert] waiting up to {wait_s:.0f} s for {want} GPU(s); the cluster has {have} now")
+    asked = False
     try:
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[{"GPU": 1}] * want)
+        asked = True
     except Exception:  # noqa: BLE001 - without an autoscaler, nodes may still join by themselves
-        request_resources = None
+        pass
     deadline = time.monotonic() + wait_s
     while have < want and time.monotonic() < deadline:
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         have = int(ray.cluster_resources().get("GPU", 0))
-    if request_resources is not None:
+    if asked:
         try:
             request_resources(bundles=[])  # the actors' own demand keeps the nodes from here on
         except Exception:  # noqa: BLE001
@@ -479,7 +483,6 @@ class Attempts:
     def start(cls, ray) -> Attempts:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        @ray.remote(num_cpus=0, max_restarts=0)
         class _Counter:
             def __init__(self):
                 self.open: dict[str, int] = {}
@@ -493,9 +496,11 @@ class Attempts:
                 self.open.pop(key, None)
 
         here = ray.get_runtime_context().get_node_id()
-        handle = _Counter.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
-        ).remote()
+        handle = (
+            ray.remote(num_cpus=0, max_restarts=0)(_Counter)
+            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
+            .remote()
+        )
         return cls(handle)
 
     def begin(self, key: str) -> int:
@@ -739,7 +744,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
                 "done_by": done[0]["run_id"],
                 "counts": {"listed": len(items)},
             }
-    counts = {
+    counts: dict[str, Any] = {
         "listed": len(items),
         "skipped": 0,
         "processed": 0,
@@ -750,7 +755,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
         "errors_by_kind": {},
         "truncated": 0,
     }
-    summary = {
+    summary: dict[str, Any] = {
         "run_id": run_id,
         "status": "running",
         "started_at": _now(),

@@ -65,7 +65,7 @@ def spec_from_config(name: str, config: dict, sample_rate: int | None = None) ->
     Raises ValueError naming the field when the config cannot describe a supported model.
     """
     model_type = config.get("model_type")
-    family = MODEL_TYPES.get(model_type)
+    family = MODEL_TYPES.get(str(model_type))
     if family is None:
         raise ValueError(
             f"{name}: config.json model_type {model_type!r} is not a supported architecture "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -234,7 +235,7 @@ def encode_chunks(
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"movflags": "+faststart"} if container_fmt == "ipod" else {}
     with av.open(str(path), mode="w", format=container_fmt, options=options) as out:
-        stream = out.add_stream(codec, rate=sample_rate)
+        stream: Any = out.add_stream(codec, rate=sample_rate)  # an AudioStream (PyAV's union type)
         cc = stream.codec_context
         cc.layout = _layout(fmt, channels)
         if av_fmt is not None:

@@ -689,8 +689,9 @@ def promote(root: str, table_uri: str, storage_options: dict | None = None, forc
         raise PipelineError(f"{table_uri} is not a feature table (no _table.json): nothing to promote")
     last = t.last_run()
     if not force and (last is None or last.get("status") != "complete"):
+        newest = f"{last.get('run_id')} {last.get('status')}" if last else "missing"
         raise PipelineError(
-            f"{table_uri}: its newest run is {last.get('run_id') + ' ' + last.get('status') if last else 'missing'}, "
+            f"{table_uri}: its newest run is {newest}, "
             "not complete: finish (rerun) the reprocessing job first, or pass --force"
         )
     r = FeatureTable(root, storage_options)
