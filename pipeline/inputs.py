@@ -409,7 +409,7 @@ def read_manifest(
         n, _, uri, kind, problems = group[0]  # the same id and URI on several rows: one input
         if problems:
             message = f"manifest {shown} row {n}: {'; '.join(problems)}"
-            items.append(InputItem(uri, rid, f"fault={kind}", 0, kind, message))
+            items.append(InputItem(display_uri(uri), rid, f"fault={kind}", 0, kind, message))
         else:
             items.append(InputItem(uri, rid, "", 0))
     if all(i.fault_kind for i in items):

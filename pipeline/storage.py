@@ -24,6 +24,7 @@ SCHEME_PACKAGES = {
 }
 # Read through fsspec's HTTP filesystem (aiohttp), and only when a run allows it (`allow_http`).
 HTTP_SCHEMES = ("http", "https")
+HTTP_PACKAGE = "aiohttp"
 
 
 def scheme_of(uri: str) -> str:
@@ -54,7 +55,7 @@ def display_uri(uri: str) -> str:
 def get_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a URI or a plain path. Raises ImportError naming the missing extra."""
     scheme = scheme_of(uri)
-    pkg = SCHEME_PACKAGES.get(scheme)
+    pkg = SCHEME_PACKAGES.get(scheme) or (HTTP_PACKAGE if scheme in HTTP_SCHEMES else None)
     if pkg is not None:
         try:
             __import__(pkg)
@@ -68,7 +69,8 @@ def get_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abstra
 
 
 def _extra(scheme: str) -> str:
-    return {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, "azure")
+    extras = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+    return extras.get(scheme, "azure")
 
 
 def scheme_problem(uri: str, *, allow_http: bool = False) -> str | None:
