@@ -427,3 +427,36 @@ def test_a_symlinked_root_is_walked_and_the_link_names_the_inputs(tmp_path: Path
     assert [(i.uri, i.fingerprint, i.fault_kind) for i in items] == [
         (f"file://{tmp_path}/alias/x.wav", f"size={st.st_size};mtime_ns={st.st_mtime_ns}", None)
     ]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_file_replaced_by_a_symlink_is_not_tombstoned_when_mirrored(tmp_path: Path) -> None:
+    from pipeline import read_ledger
+    from pipeline.checkpoints import write_random_checkpoint
+    from pipeline.config import RunConfig
+    from pipeline.engine import run
+
+    model = write_random_checkpoint(tmp_path / "m", like="MERT-v0", size="tiny")
+    root = tmp_path / "audio"
+    for i in range(3):
+        _wav(root / f"t{i}.wav", seed=i)
+    out = tmp_path / "table"
+
+    def go() -> dict:
+        c = RunConfig(
+            input=str(root), output=str(out), model=str(model), progress=False, mirror_deletions=True
+        )
+        return run(c, log=lambda m: None)
+
+    assert go()["counts"]["ok"] == 3
+    # t1.wav moves into a store inside the listed folder ("_" names are not listed) and a link takes its place:
+    # the same recording, the same bytes and mtime, so nothing is redone and nothing is deleted
+    (root / "_store").mkdir()
+    os.replace(root / "t1.wav", root / "_store" / "t1.wav")
+    (root / "t1.wav").symlink_to(root / "_store" / "t1.wav")
+    s = go()
+    assert s["counts"]["skipped"] == 3 and s["counts"]["listed"] == 3, s["counts"]
+    rows = read_ledger(str(out)).to_pylist()
+    assert {r["recording_id"]: r["status"] for r in rows} == {
+        f"file://{root}/t{i}.wav": "ok" for i in range(3)
+    }
