@@ -258,13 +258,13 @@ def list_inputs(
     return items
 
 
-def _read_table(manifest: str, storage_options: dict | None):
+def _read_table(manifest: str, storage_options: dict | None, allow_http: bool):
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     shown = display_uri(manifest)
-    problem = scheme_problem(manifest, allow_http=True)
+    problem = scheme_problem(manifest, allow_http=allow_http)
     if problem:
         raise PipelineError(f"manifest {shown}: {problem}")
     try:
@@ -328,14 +328,14 @@ def read_manifest(
     - A bad row is an item with a fault (its ledger row says what is wrong and what to do), never dropped: a
       blank or null id, or one with a NUL byte (its recording_id is then `<manifest uri>#row=<n>`), a null or
       blank URI, a NUL byte in it, an unknown scheme, and http(s):// unless `allow_http` (then it is read through
-      fsspec's HTTP filesystem).
+      fsspec's HTTP filesystem; the manifest itself too).
     - Each good URI is stat'ed for its fingerprint. One that does not exist is kept with fingerprint `missing`
-      (its ledger row says not_found); one that cannot be stat'ed for another reason is kept with `unavailable`
-      and its read decides its row.
+      (its ledger row says not_found); a folder is a fault; one that cannot be stat'ed for another reason is
+      kept with `unavailable` and its read decides its row.
     Raises PipelineError for a manifest that cannot be read, has no `uri` column, has no rows or no valid row,
     for a missing storage package and for denied access (systemic: one message, not one row per input).
     """
-    table = _read_table(manifest, storage_options)
+    table = _read_table(manifest, storage_options, allow_http)
     shown = display_uri(manifest)
     manifest_uri = display_uri(canonical_uri(manifest))
     if "uri" not in table.column_names:
@@ -434,6 +434,14 @@ def _stat(item: InputItem, storage_options: dict | None) -> InputItem:
     except Exception:  # reading it will name the fault and classify it (transient or not)
         return InputItem(item.uri, item.recording_id, "unavailable", 0)
     if info.get("type", "file") == "directory":
-        return InputItem(item.uri, item.recording_id, "missing", 0)
+        return InputItem(
+            item.uri,
+            item.recording_id,
+            f"fault={FAULT_MANIFEST}",
+            0,
+            FAULT_MANIFEST,
+            f"{display_uri(item.uri)}: a folder, not a file: list its files in the manifest (or give the folder "
+            "as INPUT without --manifest)",
+        )
     fp = fingerprint(info, scheme_of(item.uri))
     return InputItem(item.uri, item.recording_id, fp, int(info.get("size") or 0))

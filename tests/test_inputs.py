@@ -239,11 +239,15 @@ def test_unknown_schemes_and_http_unless_allowed(tmp_path: Path, http_root) -> N
         {"uri": f"{url}/h.wav", "recording_id": "web"},
         {"uri": f"http://user:pa55word-secret@{host}/h.wav", "recording_id": "web-secret"},
         {"uri": str(a), "recording_id": "local"},
+        {"uri": str(tmp_path), "recording_id": "folder"},
     ]
     m = _manifest(tmp_path / "m", rows, "csv")
 
     refused = _by_id(read_manifest(str(m)))
     assert {k for k, i in refused.items() if i.fault_kind is None} == {"local"}
+    assert refused["folder"].fault_kind == "manifest" and "a folder, not a file" in str(
+        refused["folder"].fault_message
+    )
     for rid, n in (("ftp", 1), ("hdfs", 2)):
         assert refused[rid].fault_kind == "scheme"
         assert "unknown scheme" in str(refused[rid].fault_message) and f"row {n}" in str(
@@ -370,6 +374,7 @@ def test_symlinks_are_followed_and_bad_links_are_faults(tmp_path: Path) -> None:
     (root / "a").symlink_to("b")
     (root / "b").symlink_to("a")
     (root / "folder" / "up").symlink_to("..", target_is_directory=True)
+    (root / "folder" / "here").symlink_to(".", target_is_directory=True)
     (root / "out.wav").symlink_to(outside)
     (root / "outdir").symlink_to(outside.parent, target_is_directory=True)
     (root / "dangling.wav").symlink_to(root / "gone.wav")
@@ -404,6 +409,8 @@ def test_symlinks_are_followed_and_bad_links_are_faults(tmp_path: Path) -> None:
         "b": "symlink",
         "folder/up": "symlink",
         "linked/up": "symlink",
+        "folder/here": "symlink",
+        "linked/here": "symlink",
         "out.wav": "symlink",
         "outdir": "symlink",
         "dangling.wav": "not_found",
