@@ -312,6 +312,54 @@ def _resolve(raw: str, manifest_uri: str) -> tuple[str | None, str | None]:
     return f"{prefix}://{joined}", None
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One manifest row, checked: `problems` empty means it names a readable input."""
+
+    n: int  # 1-based, in file order
+    recording_id: str  # the id, the URI when there is no id column, or `<manifest uri>#row=<n>` when unusable
+    uri: str  # canonical (relative paths resolved); "" when null
+    kind: str  # the fault kind when `problems` is not empty
+    problems: tuple[str, ...]
+
+
+def _check_row(
+    n: int, raw_uri: str | None, raw_id: str | None, has_ids: bool, manifest_uri: str, allow_http: bool
+) -> _Row:
+    problems: list[str] = []
+    kind = FAULT_MANIFEST
+    uri = ""
+    if raw_uri is None or not raw_uri.strip():
+        problems.append("the uri is blank or null: give the input's path or URI")
+    elif "\0" in raw_uri:
+        uri = raw_uri.replace("\0", "\\x00")
+        problems.append(f"the uri {raw_uri!r} holds a NUL byte: fix the uri")
+    else:
+        resolved, why = _resolve(raw_uri.strip(), manifest_uri)
+        if resolved is None:
+            uri = raw_uri.strip()
+            problems.append(str(why))
+        else:
+            uri = resolved
+            problem = scheme_problem(uri, allow_http=allow_http)
+            if problem:
+                problems.append(f"{display_uri(uri)}: {problem}")
+                kind = FAULT_SCHEME
+    rid = raw_id if has_ids else (uri if not problems else None)
+    if has_ids and (raw_id is None or not raw_id.strip()):
+        rid = None
+        problems.append(
+            "the recording_id is blank or null: give every row an id (or drop the recording_id column to use "
+            "the URIs)"
+        )
+        kind = FAULT_MANIFEST
+    elif rid is not None and "\0" in rid:
+        problems.append(f"the recording_id {rid!r} holds a NUL byte: fix the id")
+        rid = None
+        kind = FAULT_MANIFEST
+    return _Row(n, rid if rid is not None else f"{manifest_uri}#row={n}", uri, kind, tuple(problems))
+
+
 def read_manifest(
     manifest: str, *, storage_options: dict | None = None, allow_http: bool = False
 ) -> list[InputItem]:
@@ -348,57 +396,23 @@ def read_manifest(
     has_ids = "recording_id" in table.column_names
     ids = [_text(i) for i in table.column("recording_id").to_pylist()] if has_ids else [None] * len(uris)
 
-    # One entry per row: (row, recording_id, uri shown in the ledger, kind, problems); problems empty = good.
-    rows: list[tuple[int, str, str, str | None, list[str]]] = []
-    for n, (raw_uri, raw_id) in enumerate(zip(uris, ids, strict=True), start=1):
-        problems: list[str] = []
-        kind = FAULT_MANIFEST
-        uri = ""
-        if raw_uri is None or not raw_uri.strip():
-            problems.append("the uri is blank or null: give the input's path or URI")
-        elif "\0" in raw_uri:
-            uri = raw_uri.replace("\0", "\\0")
-            problems.append(f"the uri {uri!r} holds a NUL byte: fix the uri")
-        else:
-            resolved, why = _resolve(raw_uri.strip(), manifest_uri)
-            if why:
-                uri = raw_uri.strip()
-                problems.append(why)
-            else:
-                uri = resolved or ""
-                problem = scheme_problem(uri, allow_http=allow_http)
-                if problem:
-                    problems.append(f"{display_uri(uri)}: {problem}")
-                    kind = FAULT_SCHEME
-        rid = raw_id if has_ids else (uri if not problems else None)
-        if has_ids and (raw_id is None or not raw_id.strip()):
-            rid = None
-            problems.append(
-                "the recording_id is blank or null: give every row an id (or drop the recording_id column to "
-                "use the URIs)"
-            )
-            kind = FAULT_MANIFEST
-        elif rid is not None and "\0" in rid:
-            shown_id = rid.replace("\0", "\\0")
-            rid = None
-            problems.append(f"the recording_id {shown_id!r} holds a NUL byte: fix the id")
-            kind = FAULT_MANIFEST
-        rows.append((n, rid if rid is not None else f"{manifest_uri}#row={n}", uri, kind, problems))
-
-    by_id: dict[str, list[tuple[int, str, str, str | None, list[str]]]] = {}
+    rows = [
+        _check_row(n, raw_uri, raw_id, has_ids, manifest_uri, allow_http)
+        for n, (raw_uri, raw_id) in enumerate(zip(uris, ids, strict=True), start=1)
+    ]
+    by_id: dict[str, list[_Row]] = {}
     for row in rows:
-        by_id.setdefault(row[1], []).append(row)
+        by_id.setdefault(row.recording_id, []).append(row)
     items: list[InputItem] = []
     for rid, group in by_id.items():
-        distinct = {r[2] for r in group}
-        if len(distinct) > 1:
-            named = "; ".join(f"row {r[0]}: {display_uri(r[2]) or '(no uri)'}" for r in group[:5])
+        if len({r.uri for r in group}) > 1:
+            named = "; ".join(f"row {r.n}: {display_uri(r.uri) or '(no uri)'}" for r in group[:5])
             more = f"; and {len(group) - 5} more rows" if len(group) > 5 else ""
             items.append(
                 InputItem(
                     "",
                     rid,
-                    "fault=manifest",
+                    f"fault={FAULT_MANIFEST}",
                     0,
                     FAULT_MANIFEST,
                     f"manifest {shown}: recording_id {rid!r} is given to different URIs ({named}{more}); none "
@@ -406,15 +420,16 @@ def read_manifest(
                 )
             )
             continue
-        n, _, uri, kind, problems = group[0]  # the same id and URI on several rows: one input
-        if problems:
-            message = f"manifest {shown} row {n}: {'; '.join(problems)}"
-            items.append(InputItem(display_uri(uri), rid, f"fault={kind}", 0, kind, message))
+        first = group[0]  # the same id and URI on several rows: one input
+        if first.problems:
+            message = f"manifest {shown} row {first.n}: {'; '.join(first.problems)}"
+            fp = f"fault={first.kind}"
+            items.append(InputItem(display_uri(first.uri), rid, fp, 0, first.kind, message))
         else:
-            items.append(InputItem(uri, rid, "", 0))
+            items.append(InputItem(first.uri, rid, "", 0))
     if all(i.fault_kind for i in items):
-        first = "; ".join(str(i.fault_message) for i in items[:3])
-        raise PipelineError(f"manifest {shown} has no valid row ({len(rows)} rows): {first}")
+        some = "; ".join(str(i.fault_message) for i in items[:3])
+        raise PipelineError(f"manifest {shown} has no valid row ({len(rows)} rows): {some}")
     return [i if i.fault_kind else _stat(i, storage_options) for i in items]
 
 
