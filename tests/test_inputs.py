@@ -421,6 +421,8 @@ def test_symlinks_are_followed_and_bad_links_are_faults(tmp_path: Path) -> None:
         segs, rec = _record(got[name])
         assert segs == 0 and rec["status"] == "error" and rec["error_kind"] == faults[name]
         assert rec["error_message"].startswith(f"file://{root}/{name}: ") and rec["retryable"] is False
+    alone = list_inputs(str(root / "link.wav"), extensions=(".wav",))  # a link given as INPUT
+    assert [(i.uri, i.fingerprint) for i in alone] == [(f"file://{root}/link.wav", fp(f))]
     segs, rec = _record(got["link.wav"])
     assert rec["status"] == "ok" and segs == 2 and rec["uri"] == f"file://{root}/link.wav"
 
