@@ -49,7 +49,7 @@ def _manifest(path: Path, rows: list[dict], fmt: str) -> Path:
     return path
 
 
-def _record(item: InputItem, storage_options: dict | None = None) -> tuple[int, dict]:
+def _record(item: InputItem, storage_options: dict | None = None, isolate: bool = False) -> tuple[int, dict]:
     """(segments, ledger fields) for one item, through the decode stage as the engine calls it."""
     import json
 
@@ -61,7 +61,7 @@ def _record(item: InputItem, storage_options: dict | None = None) -> tuple[int, 
             sample_rate=RATE,
             segments=SEGMENTS,
             storage_options=storage_options,
-            isolate=False,
+            isolate=isolate,
             fault_kind=item.fault_kind,
             fault_message=item.fault_message,
         )
@@ -269,7 +269,12 @@ def test_unknown_schemes_and_http_unless_allowed(tmp_path: Path, http_root) -> N
         f"size={st.st_size};etag={st.st_size:x}-{st.st_mtime_ns:x};"
         f"last_modified={email.utils.formatdate(st.st_mtime, usegmt=True)}"
     )
-    segs, rec = _record(web)
+    from pipeline.decoder import default_decoder
+
+    try:  # in the decoder child, as the engine reads it
+        segs, rec = _record(web, isolate=True)
+    finally:
+        default_decoder().close()
     assert rec["status"] == "ok" and segs == 2, rec
     assert allowed["ftp"].fault_kind == "scheme"  # allow_http allows http, nothing else
 
