@@ -1,8 +1,9 @@
 """The two stages of the pipeline as plain functions over Arrow batches. They know nothing of Ray.
 
-decode: one input row (uri, recording_id, fingerprint) -> tables of segments, then one `record` row that carries
-        the input's ledger fields (status, error kind, duration, source rate, ...). A bad input yields only its
-        record row: faults are data.
+decode: one input row (uri, recording_id, fingerprint, and optional fault_kind, fault_message) -> tables of
+        segments, then one `record` row that carries the input's ledger fields (status, error kind, duration,
+        source rate, ...). A bad input (or one found bad while listing: a fault) yields only its record row:
+        faults are data.
 embed:  a table of segment rows (and passing record rows) -> the same rows with one embedding column per layer.
 
 The record row travels behind the recording's segments so that the driver knows when a recording is complete.
