@@ -81,6 +81,11 @@ RUN_OPTIONS: list[tuple[str, str, object, str]] = [
 ]
 RUN_FLAGS = [
     ("--manifest", "manifest", "INPUT is a Parquet/CSV manifest with a `uri` column"),
+    (
+        "--allow-http",
+        "allow_http",
+        "a manifest may list http(s):// inputs (read through fsspec's HTTP filesystem)",
+    ),
     ("--retry-errors", "retry_errors", "reprocess inputs whose last row is a permanent error"),
     ("--dry-run", "dry_run", "list the work and estimate audio hours, output size and time"),
     (

@@ -61,6 +61,7 @@ class RunConfig:
     manifest: bool = (
         False  # input is a Parquet/CSV manifest with a `uri` column (and optional `recording_id`)
     )
+    allow_http: bool = False  # a manifest may list http(s):// inputs (read through fsspec's HTTP filesystem)
     glob: str | None = None  # pattern below the prefix, e.g. "**/*.flac"; default: every file, recursively
     extensions: tuple[str, ...] = AUDIO_EXTENSIONS  # kept when listing a prefix (case-insensitive); () = all
     layers: tuple[int, ...] | None = None  # hidden-state indices to keep; None = all

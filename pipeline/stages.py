@@ -1,8 +1,9 @@
 """The two stages of the pipeline as plain functions over Arrow batches. They know nothing of Ray.
 
-decode: one input row (uri, recording_id, fingerprint) -> tables of segments, then one `record` row that carries
-        the input's ledger fields (status, error kind, duration, source rate, ...). A bad input yields only its
-        record row: faults are data.
+decode: one input row (uri, recording_id, fingerprint, and optional fault_kind, fault_message) -> tables of
+        segments, then one `record` row that carries the input's ledger fields (status, error kind, duration,
+        source rate, ...). A bad input (or one found bad while listing: a fault) yields only its record row:
+        faults are data.
 embed:  a table of segment rows (and passing record rows) -> the same rows with one embedding column per layer.
 
 The record row travels behind the recording's segments so that the driver knows when a recording is complete.
@@ -77,8 +78,14 @@ def decode_input(
     segments_per_table: int = 8,
     attempts=None,
     crash_limit: int = 2,
+    fault_kind: str | None = None,
+    fault_message: str | None = None,
 ) -> Iterator[pa.Table]:
     """Decode one input into tables of at most `segments_per_table` segments, then its record row.
+
+    `fault_kind` set (an input found bad while listing: a manifest row without an id, a symlink cycle; see
+    inputs.InputItem): the input is not opened; only its record row comes, status `error` with that
+    `error_kind`, not retryable, and `fault_message` (which names the input and says what to do) as its message.
 
     Memory stays bounded by a few windows: segments leave as soon as a table is full.
 
@@ -106,6 +113,16 @@ def decode_input(
         "codec": None,
         "segments": 0,
     }
+    if fault_kind is not None:
+        record.update(
+            status="error",
+            error_kind=fault_kind,
+            retryable=False,
+            error_message=fault_message or f"{uri or recording_id}: bad input ({fault_kind})",
+            sent=0,
+        )
+        yield _record_table(recording_id, record)
+        return
     died = attempts.begin(recording_id) if attempts is not None else 0
     if died >= crash_limit:
         record.update(
@@ -182,9 +199,17 @@ def decode_input(
 
 
 def decode_batch(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
-    """Stage function: a batch of input rows -> decode tables (see decode_input)."""
+    """Stage function: a batch of input rows (uri, recording_id, fingerprint, and optional fault_kind and
+    fault_message) -> decode tables (see decode_input)."""
     for row in batch.to_pylist():
-        yield from decode_input(row["uri"], row["recording_id"], row["fingerprint"], **kwargs)
+        yield from decode_input(
+            row["uri"],
+            row["recording_id"],
+            row["fingerprint"],
+            fault_kind=row.get("fault_kind"),
+            fault_message=row.get("fault_message"),
+            **kwargs,
+        )
 
 
 def layer_column(layer: int) -> str:

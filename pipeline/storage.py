@@ -13,7 +13,18 @@ import fsspec
 from pipeline.errors import AccessDenied, InputFault, InputNotFound, StorageError
 
 # Schemes the pipeline knows, and the optional package that provides each.
-SCHEME_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+SCHEME_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+}
+# Read through fsspec's HTTP filesystem (aiohttp), and only when a run allows it (`allow_http`).
+HTTP_SCHEMES = ("http", "https")
+HTTP_PACKAGE = "aiohttp"
 
 
 def scheme_of(uri: str) -> str:
@@ -33,10 +44,18 @@ def canonical_uri(path_or_uri: str) -> str:
     return path_or_uri
 
 
+def display_uri(uri: str) -> str:
+    """`uri` fit for a message: user and password in it (http://user:secret@host/...) are replaced by ***."""
+    parsed = urlparse(uri)
+    if parsed.scheme and "@" in parsed.netloc:
+        return parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[1]).geturl()
+    return uri
+
+
 def get_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a URI or a plain path. Raises ImportError naming the missing extra."""
     scheme = scheme_of(uri)
-    pkg = SCHEME_PACKAGES.get(scheme)
+    pkg = SCHEME_PACKAGES.get(scheme) or (HTTP_PACKAGE if scheme in HTTP_SCHEMES else None)
     if pkg is not None:
         try:
             __import__(pkg)
@@ -50,7 +69,24 @@ def get_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abstra
 
 
 def _extra(scheme: str) -> str:
-    return {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme, "azure")
+    extras = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+    return extras.get(scheme, "azure")
+
+
+def scheme_problem(uri: str, *, allow_http: bool = False) -> str | None:
+    """Why the pipeline will not read `uri` because of its scheme, or None when it may.
+
+    Known: plain paths and file://, the object stores of SCHEME_PACKAGES, and http(s):// when `allow_http`.
+    """
+    scheme = scheme_of(uri)
+    if scheme == "file" or scheme in SCHEME_PACKAGES:
+        return None
+    if scheme in HTTP_SCHEMES:
+        if allow_http:
+            return None
+        return f"{scheme}:// inputs are read only when allowed: rerun with --allow-http (allow_http: true)"
+    known = ", ".join(["file", *SCHEME_PACKAGES, *HTTP_SCHEMES])
+    return f"unknown scheme {scheme}:// (known: {known}): fix the URI"
 
 
 def join(base: str, *parts: str) -> str:
