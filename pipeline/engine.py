@@ -133,7 +133,7 @@ def select_work(items: list[InputItem], latest: pa.Table, retry_errors: bool) ->
 
 def list_work(cfg: RunConfig) -> list[InputItem]:
     if cfg.manifest:
-        items = read_manifest(cfg.input, storage_options=cfg.in_options)
+        items = read_manifest(cfg.input, storage_options=cfg.in_options, allow_http=cfg.allow_http)
     else:
         items = list_inputs(
             cfg.input, glob=cfg.glob, extensions=cfg.extensions, storage_options=cfg.in_options
@@ -571,7 +571,18 @@ def build_dataset(
     warnings.filterwarnings(
         "ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning
     )
-    items = [{"uri": i.uri, "recording_id": i.recording_id, "fingerprint": i.fingerprint} for i in todo]
+    # An item with a fault (a bad manifest row, a symlink cycle) reaches the decode stage too: it becomes that
+    # input's error row there, like any other bad input.
+    items = [
+        {
+            "uri": i.uri,
+            "recording_id": i.recording_id,
+            "fingerprint": i.fingerprint,
+            "fault_kind": i.fault_kind,
+            "fault_message": i.fault_message,
+        }
+        for i in todo
+    ]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
     ds = ds.map_batches(
         decode_batch,

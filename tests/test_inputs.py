@@ -474,3 +474,62 @@ def test_a_file_replaced_by_a_symlink_is_not_tombstoned_when_mirrored(tmp_path: 
     assert {r["recording_id"]: r["status"] for r in rows} == {
         f"file://{root}/t{i}.wav": "ok" for i in range(3)
     }
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_run_over_a_manifest_and_a_folder_records_each_bad_row_and_finishes(tmp_path: Path) -> None:
+    """Through the engine: each bad manifest row and each bad link is one ledger row; the good inputs embed."""
+    from pipeline import read_ledger
+    from pipeline.checkpoints import write_random_checkpoint
+    from pipeline.config import RunConfig
+    from pipeline.engine import run
+
+    model = write_random_checkpoint(tmp_path / "m", like="MERT-v0", size="tiny")
+    good = _wav(tmp_path / "lists" / "audio" / "good.wav")
+    manifest = _manifest(
+        tmp_path / "lists" / "m",
+        [
+            {"uri": "audio/good.wav", "recording_id": "good"},
+            {"uri": "audio/good.wav", "recording_id": ""},
+            {"uri": "ftp://host/x.wav", "recording_id": "ftp"},
+            {"uri": None, "recording_id": "no-uri"},
+        ],
+        "csv",
+    )
+    cfg = RunConfig(
+        input=str(manifest),
+        output=str(tmp_path / "t1"),
+        model=str(model),
+        manifest=True,
+        progress=False,
+        max_error_rate=1.0,
+    )
+    s = run(cfg, log=lambda m: None)
+    assert s["status"] == "complete" and s["counts"]["ok"] == 1 and s["counts"]["error"] == 3, s["counts"]
+    rows = {r["recording_id"]: r for r in read_ledger(str(tmp_path / "t1")).to_pylist()}
+    assert rows["good"]["status"] == "ok" and rows["good"]["uri"] == f"file://{good}"
+    assert rows["ftp"]["error_kind"] == "scheme" and not rows["ftp"]["retryable"]
+    assert rows["no-uri"]["error_kind"] == "manifest"
+    blank = rows[f"file://{manifest}#row=2"]
+    assert blank["status"] == "error" and "row 2" in blank["error_message"]
+
+    folder = tmp_path / "folder"
+    _wav(folder / "a.wav")
+    (folder / "loop").symlink_to(folder / "loop")
+    (folder / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    s = run(
+        RunConfig(
+            input=str(folder),
+            output=str(tmp_path / "t2"),
+            model=str(model),
+            progress=False,
+            max_error_rate=1.0,
+            extensions=(),
+        ),
+        log=lambda m: None,
+    )
+    kinds = {
+        r["recording_id"].rsplit("/", 1)[-1]: (r["status"], r["error_kind"])
+        for r in read_ledger(str(tmp_path / "t2")).to_pylist()
+    }
+    assert kinds == {"a.wav": ("ok", None), "loop": ("error", "symlink"), "gone.wav": ("error", "not_found")}
