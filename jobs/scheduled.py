@@ -82,7 +82,12 @@ def table_name(cfg) -> str:
     from pipeline.engine import model_facts
     from pipeline.models import load_model
 
-    loaded = load_model(cfg.model, storage_options=cfg.in_options, cache_dir=cfg.model_cache)
+    loaded = load_model(
+        cfg.model,
+        storage_options=cfg.in_options,
+        cache_dir=cfg.model_cache,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     facts = model_facts(cfg, loaded)
     rev = (loaded.revision or "")[:12] or "sha256-" + loaded.content_hash[:12]
     name = facts.spec.name.rstrip("/").rsplit("/", 1)[

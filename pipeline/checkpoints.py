@@ -235,3 +235,91 @@ def write_random_checkpoint(
 
         save_file(state, str(out / SAFETENSORS_FILE), metadata={"format": "pt"})
     return out
+
+
+# The MERT-v2 interface in miniature: the checkpoint ships its own code (pipeline/testing/mert2_like), loaded by
+# transformers through auto_map, as a hub repository of MERT-v2 is.
+REMOTE_CODE_DIR = Path(__file__).resolve().parent / "testing" / "mert2_like"
+REMOTE_CODE_FILES = (
+    "configuration_mert2_like.py",
+    "modeling_mert2_like.py",
+    "feature_extraction_mert2_like.py",
+)
+
+
+def write_remote_code_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    num_hidden_layers: int = 24,
+    hidden_size: int = 32,
+    licence: str | None = "cc-by-nc-4.0",
+    auto_map_model: str = "modeling_mert2_like.Mert2LikeModel",
+) -> Path:
+    """Write a tiny random checkpoint that needs its own code: config.json with `auto_map`, the code files,
+    preprocessor_config.json (its own feature extractor), model.safetensors and a model card (README.md) whose
+    front matter names the licence, as a hub snapshot of MERT-v2 holds them. Returns `out_dir`."""
+    import importlib.util
+    import shutil
+    import sys
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(REMOTE_CODE_DIR / name, out / name)
+    config = {
+        "model_type": "mert2_like",
+        "architectures": ["Mert2LikeModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_mert2_like.Mert2LikeConfig",
+            "AutoModel": auto_map_model,
+        },
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": 2,
+        "intermediate_size": 2 * hidden_size,
+        "frame_stride": 960,
+        "sample_rate": 24000,
+        "transformers_version": "4.53.2",
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    preprocessor = {
+        "feature_extractor_type": "Mert2LikeFeatureExtractor",
+        "auto_map": {"AutoFeatureExtractor": "feature_extraction_mert2_like.Mert2LikeFeatureExtractor"},
+        "feature_size": 1,
+        "sampling_rate": 24000,
+        "padding_value": 0.0,
+    }
+    (out / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor, indent=2, sort_keys=True))
+    card = "---\n" + (f"license: {licence}\n" if licence else "") + "tags: [music, test]\n---\n"
+    (out / "README.md").write_text(card + "# A tiny random MERT-v2-like checkpoint (meaningless weights)\n")
+    # Build the model from the code files as a package of their own, to get the state dict's names and shapes.
+    pkg = f"_mert2_like_writer_{seed}_{os.getpid()}"
+    spec = importlib.util.spec_from_file_location(
+        pkg, REMOTE_CODE_DIR / "__init__.py", submodule_search_locations=[str(REMOTE_CODE_DIR)]
+    )
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import the fixture code in {REMOTE_CODE_DIR}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[pkg] = module
+    spec.loader.exec_module(module)
+    try:
+        modeling = importlib.import_module(f"{pkg}.modeling_mert2_like")
+        configuration = importlib.import_module(f"{pkg}.configuration_mert2_like")
+        cfg = configuration.Mert2LikeConfig(
+            **{
+                k: v
+                for k, v in config.items()
+                if k not in ("model_type", "architectures", "auto_map", "transformers_version")
+            }
+        )
+        torch.manual_seed(seed)
+        model = modeling.Mert2LikeModel(cfg)
+        state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
+    finally:
+        for name in [n for n in sys.modules if n == pkg or n.startswith(pkg + ".")]:
+            del sys.modules[name]
+    save_file(state, str(out / SAFETENSORS_FILE), metadata={"format": "pt"})
+    return out

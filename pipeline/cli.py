@@ -27,7 +27,7 @@ RUN_OPTIONS: list[tuple[str, str, object, str]] = [
         "comma-separated suffixes to keep when listing (default: common audio)",
     ),
     ("--layers", "layers", str, "hidden states to keep, e.g. 6,7,12 or 0-4 (default: all)"),
-    ("--window", "window_s", float, "segment window in seconds (default 5.0)"),
+    ("--window", "window_s", float, "segment window in seconds (default: the model's, 5.0 for v0/v1)"),
     ("--hop", "hop_s", float, "hop between segment starts in seconds (default: = window)"),
     ("--min-segment", "min_segment_s", float, "shortest segment kept, seconds (default 1.0)"),
     ("--granularity", "granularity", str, "segment | recording | frame (default segment)"),
@@ -92,6 +92,12 @@ RUN_FLAGS = [
         "--mirror-deletions",
         "mirror_deletions",
         "tombstone recordings whose input is gone from the listing: readers hide them, compact drops them",
+    ),
+    (
+        "--trust-remote-code",
+        "trust_remote_code",
+        "run a checkpoint's own model code (MERT-v2); only with a pinned model (hub id@<40-hex commit>, or a "
+        "local/object-storage snapshot). The code runs with the job's credentials and token in reach",
     ),
 ]
 

@@ -65,7 +65,7 @@ class RunConfig:
     glob: str | None = None  # pattern below the prefix, e.g. "**/*.flac"; default: every file, recursively
     extensions: tuple[str, ...] = AUDIO_EXTENSIONS  # kept when listing a prefix (case-insensitive); () = all
     layers: tuple[int, ...] | None = None  # hidden-state indices to keep; None = all
-    window_s: float = 5.0
+    window_s: float | None = None  # None: the model's default (5 s for v0/v1, 30 s for v2; registry)
     hop_s: float | None = None
     min_segment_s: float = 1.0
     granularity: str = "segment"  # segment | recording | frame
@@ -99,6 +99,10 @@ class RunConfig:
     tick: str | None = None  # a schedule tick label (jobs.scheduled): a tick already complete does nothing
     dry_run: bool = False
     progress: bool = True
+    # A checkpoint that ships its own model code (MERT-v2) runs only with this, and only pinned (a hub id at a
+    # 40-hex commit, or a local/object-storage snapshot); the code runs with the job's credentials in reach.
+    # The natively built v0/v1 models ignore it.
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:
@@ -155,8 +159,10 @@ class RunConfig:
             if v is not None and not isinstance(v, dict):
                 raise bad(name, "must be a mapping of fsspec options")
 
-    def segment_config(self) -> SegmentConfig:
-        return SegmentConfig(window_s=self.window_s, hop_s=self.hop_s, min_segment_s=self.min_segment_s)
+    def segment_config(self, default_window_s: float = 5.0) -> SegmentConfig:
+        """The segment rule, with the model's default window when the run gives none."""
+        window = default_window_s if self.window_s is None else self.window_s
+        return SegmentConfig(window_s=window, hop_s=self.hop_s, min_segment_s=self.min_segment_s)
 
     @property
     def out_options(self) -> dict:

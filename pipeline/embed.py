@@ -8,6 +8,10 @@ residual stream and entry L is the final layer-normed output (transformers 5 ret
 
 The encoder is run layer by layer from transformers' own modules, so the layers above the highest selected one
 are skipped (except for pre-LN models when the last entry is selected, which needs them all).
+
+A checkpoint with its own code (MERT-v2, pipeline.remote_code) runs as its card says: its processor, then
+`model(**inputs, output_hidden_states=True)`; stored index i is its `hidden_states[i]` (block i + 1: there is no
+input-embedding entry), pooled over the frames its `feature_attention_mask` marks valid.
 """
 
 from __future__ import annotations
@@ -84,11 +88,19 @@ class Embedder:
         self.dtype = COMPUTE_DTYPES[dtype]
         self.out_dtype = OUT_DTYPES[out_dtype]
         self.normalize = loaded.do_normalize if normalize is None else bool(normalize)
+        if loaded.remote and self.normalize:
+            raise ValueError(
+                f"{self.spec.name}: its own processor prepares the input; per-segment normalization does not apply"
+            )
 
         if self.device.type == "cuda" and dtype == "float32":
             _disable_tf32()
         # HubertModel or Data2VecAudioModel: their submodules are reached by name, so typed as Any
         self.model: Any = loaded.model.to(device=self.device, dtype=self.dtype).eval()
+        self._frames_by_length: dict[int, int] = {}  # a model with its own code: frames seen per length
+        self._keep = set(self.layers)
+        if loaded.remote:
+            return
         num_layers = len(cast(Any, self.model).encoder.layers)
         if num_layers != self.spec.num_layers:
             raise ValueError(
@@ -97,11 +109,36 @@ class Embedder:
         # pre-LN: the last entry is the final layer norm of the last layer's output, so it needs every layer
         self._final_norm = self.spec.pre_ln and num_layers in self.layers
         self._run_layers = num_layers if self._final_norm else max(self.layers)
-        self._keep = set(self.layers)
 
     def frames(self, num_samples: int) -> int:
-        """Hidden-state frames of a segment of `num_samples` samples at spec.sample_rate."""
+        """Hidden-state frames of a segment of `num_samples` samples at spec.sample_rate. A model with its own
+        code: the count its feature_attention_mask gave for that length (before the first run of a length, the
+        frame rate's estimate)."""
+        if self.loaded.remote:
+            seen = self._frames_by_length.get(num_samples)
+            return (
+                seen if seen is not None else int(num_samples * self.spec.frame_rate // self.spec.sample_rate)
+            )
         return num_frames(num_samples, self.loaded.config)
+
+    def _remote_states(self, w: np.ndarray) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """A model with its own code (MERT-v2 interface): the kept hidden states (B, T, D) by stored index
+        (0 = block 1) and the feature_attention_mask (B, T), from its own processor and forward."""
+        processor = self.loaded.processor
+        inputs = processor(list(w), sampling_rate=processor.sampling_rate, return_tensors="pt")
+        inputs = {
+            k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in inputs.items()
+        }
+        out = self.model(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states
+        if len(hidden) != self.spec.num_hidden_states:
+            raise ValueError(
+                f"{self.spec.name}: {len(hidden)} hidden states, the spec says {self.spec.num_hidden_states}"
+            )
+        mask = out.feature_attention_mask  # (B, T)
+        self._frames_by_length[w.shape[1]] = int(mask[0].sum())
+        return {i: hidden[i] for i in self._keep}, mask
 
     def _hidden_states(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """The kept hidden states of a batch, each (B, T, D), by hidden-state index."""
@@ -147,8 +184,14 @@ class Embedder:
                 mean = x.mean(dim=1, keepdim=True)
                 var = x.var(dim=1, unbiased=False, keepdim=True)
                 x = (x - mean) / torch.sqrt(var + NORM_EPS)
-            states = self._hidden_states(x.to(self.dtype))
-            stacked = torch.stack([states[i] for i in self.layers], dim=1)  # (B, L, T, D)
+            if self.loaded.remote:
+                states, mask = self._remote_states(w)
+                # equal lengths: every row has the same valid frames, the first ones
+                valid = int(mask[0].sum())
+                stacked = torch.stack([states[i] for i in self.layers], dim=1)[:, :, :valid]  # (B, L, T, D)
+            else:
+                states = self._hidden_states(x.to(self.dtype))
+                stacked = torch.stack([states[i] for i in self.layers], dim=1)  # (B, L, T, D)
             if self.granularity == "frame":
                 out = stacked.to(self.out_dtype)  # (B, L, T, D)
             else:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, SegmentConfig
 from pipeline.errors import PipelineError, RunInterrupted, RunStopped
 from pipeline.inputs import InputItem, list_inputs, read_manifest
 from pipeline.progress import Progress
@@ -57,6 +57,12 @@ class ModelFacts:
     provenance: dict
     numbers: dict  # what changes the numbers: hashed into the table's configuration hash
     config_hash: str
+    segments: (
+        SegmentConfig  # the run's window, hop and min segment (the model's default window if none given)
+    )
+    code_hash: str | None = (
+        None  # a checkpoint with its own code: the hash every node checks before importing
+    )
 
 
 def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
@@ -69,7 +75,17 @@ def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
             f"layers {bad} do not exist in {spec.name}: it has hidden states 0..{spec.num_hidden_states - 1}"
         )
     normalize = loaded.do_normalize if cfg.normalize is None else bool(cfg.normalize)
-    seg = cfg.segment_config()
+    if loaded.remote and cfg.normalize is not None:
+        raise PipelineError(
+            f"{spec.name} prepares its input with its own processor: --normalize/--no-normalize do not apply; "
+            "leave them out"
+        )
+    seg = cfg.segment_config(spec.default_window_s)
+    if spec.context_s is not None and seg.window_s > spec.context_s:
+        raise PipelineError(
+            f"window {seg.window_s:g} s is longer than {spec.name}'s context of {spec.context_s:g} s: give "
+            f"--window {spec.context_s:g} or less"
+        )
     numbers = {
         "model_content_hash": loaded.content_hash,
         "window_s": seg.window_s,
@@ -101,8 +117,13 @@ def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
         "python_version": platform.python_version(),
+        "licence": loaded.licence,
+        "layer_numbering": spec.layer_numbering,
     }
-    return ModelFacts(spec, layers, normalize, provenance, numbers, config_hash)
+    if loaded.remote:
+        provenance["model_code"] = "the checkpoint's own (--trust-remote-code)"
+        provenance["model_code_hash"] = loaded.code_hash
+    return ModelFacts(spec, layers, normalize, provenance, numbers, config_hash, seg, loaded.code_hash)
 
 
 def select_work(items: list[InputItem], latest: pa.Table, retry_errors: bool) -> tuple[list[InputItem], int]:
@@ -547,7 +568,7 @@ def build_dataset(
     if not any(isinstance(f, _QuietProgressWarning) for f in quiet.filters):
         quiet.addFilter(_QuietProgressWarning())
     ctx.print_on_execution_start = False
-    seg = cfg.segment_config()
+    seg = facts.segments
     window_bytes = int(round(seg.window_s * facts.spec.sample_rate)) * 4  # one window of float32 audio
     embed_rows = cfg.batch_size * 4
     # Blocks of about one decode table, so decoded audio streams to the actors table by table (Ray's default
@@ -617,6 +638,8 @@ def build_dataset(
             "normalize": facts.normalize,
             "batch_size": cfg.batch_size,
             "threads": placement.threads,
+            "trust_remote_code": cfg.trust_remote_code,
+            "expected_code_hash": facts.code_hash,  # each actor checks its staged code against the driver's
         },
         batch_size=embed_rows,  # room to group equal-length segments into full model batches
         batch_format="pyarrow",
@@ -651,7 +674,7 @@ def estimate(cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], loaded, l
             size += max(1, item.size)
     total_bytes = sum(max(1, i.size) for i in todo)
     hours = (secs / size * total_bytes / 3600) if size else 0.0
-    seg = cfg.segment_config()
+    seg = facts.segments
     width = len(facts.layers) * facts.spec.dim * (2 if cfg.storage_dtype == "float16" else 4)
     if cfg.granularity == "segment":
         out_bytes = hours * 3600 / seg.hop * width
@@ -710,7 +733,12 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     # Systemic checks first, each failing fast with one message.
     items = list_work(cfg)
     try:
-        loaded = load_model(cfg.model, storage_options=cfg.in_options, cache_dir=cfg.model_cache)
+        loaded = load_model(
+            cfg.model,
+            storage_options=cfg.in_options,
+            cache_dir=cfg.model_cache,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001

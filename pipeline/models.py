@@ -22,11 +22,21 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.errors import ModelLoadError, redact
 from pipeline.registry import MODEL_TYPES, REGISTRY, ModelSpec, by_hub_id, spec_from_config
+from pipeline.remote_code import (
+    CODE_SUFFIX,
+    MODEL_CARD,
+    check_pinned,
+    code_files,
+    load_remote,
+    needs_own_code,
+    require_opt_in,
+)
 from pipeline.storage import canonical_uri, get_fs, scheme_of
 
 CONFIG_FILE = "config.json"
@@ -90,8 +100,16 @@ class LoadedModel:
     do_normalize: bool  # preprocessor_config.json do_normalize (False when absent)
     source: str  # what was asked for: registry name, "m-a-p/X@rev", local dir, or fsspec prefix
     revision: str | None  # hub commit hash when loaded from the hub, else None
-    content_hash: str  # sha256 hex over config.json + preprocessor_config.json + the weight file
+    content_hash: str  # sha256 hex over config.json + preprocessor_config.json + the weight file (+ code)
     local_dir: str  # where the files are on this node
+    processor: Any = None  # a checkpoint with its own code: its own feature extractor (pipeline.remote_code)
+    code_hash: str | None = None  # ... and the hash of its code files; None for the native models
+    licence: str | None = None  # SPDX id from the registry or the model card, when known
+
+    @property
+    def remote(self) -> bool:
+        """The model runs its checkpoint's own code (opt-in, pinned): pipeline.remote_code."""
+        return self.code_hash is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,7 +230,8 @@ def _hub_snapshot(parsed: _Ref, weights: bool) -> tuple[str, str | None]:
     """Download (or find in huggingface_hub's cache) just the checkpoint files of a hub repository."""
     from huggingface_hub import snapshot_download
 
-    patterns = [CONFIG_FILE, PREPROCESSOR_FILE] + ([SAFETENSORS_FILE] if weights else [])
+    # the code files and the model card come along: never run for the native models, and small
+    patterns = [CONFIG_FILE, PREPROCESSOR_FILE, "*.py", MODEL_CARD] + ([SAFETENSORS_FILE] if weights else [])
     try:
         folder = snapshot_download(parsed.target, revision=parsed.revision, allow_patterns=patterns)
         if weights and not os.path.exists(os.path.join(folder, SAFETENSORS_FILE)):
@@ -257,7 +276,7 @@ def _list_remote(uri: str, storage_options: dict | None) -> tuple[object, str, d
     files = {}
     for e in entries:
         name = e.get("name", "").rstrip("/").rsplit("/", 1)[-1]
-        if e.get("type") == "file" and name in CHECKPOINT_FILES:
+        if e.get("type") == "file" and (name in CHECKPOINT_FILES or _is_code_or_card(name)):
             files[name] = e
     if CONFIG_FILE not in files:
         raise ModelLoadError(
@@ -265,6 +284,11 @@ def _list_remote(uri: str, storage_options: dict | None) -> tuple[object, str, d
             f"{CONFIG_FILE}, {PREPROCESSOR_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}"
         )
     return fs, root, files
+
+
+def _is_code_or_card(name: str) -> bool:
+    """A checkpoint's own code file or its model card: staged with it, run only through pipeline.remote_code."""
+    return name == MODEL_CARD or (name.endswith(CODE_SUFFIX) and "/" not in name and not name.startswith("."))
 
 
 def _stage_remote(uri: str, storage_options: dict | None, cache_dir: str) -> str:
@@ -275,6 +299,7 @@ def _stage_remote(uri: str, storage_options: dict | None, cache_dir: str) -> str
             f"{uri}: no weights file under this prefix: expected {SAFETENSORS_FILE} or {BIN_FILE}"
         )
     wanted = [n for n in (CONFIG_FILE, PREPROCESSOR_FILE, weight) if n in files]
+    wanted += sorted(n for n in files if _is_code_or_card(n))
     fingerprint = [
         (
             n,
@@ -565,8 +590,10 @@ _HASHES: dict[tuple, str] = {}
 _HASH_LOCK = threading.Lock()
 
 
-def content_hash(local_dir: str) -> str:
-    """sha256 over config.json, preprocessor_config.json (when present) and the weight file, by name and bytes.
+def content_hash(local_dir: str, code: bool = False) -> str:
+    """sha256 over config.json, preprocessor_config.json (when present) and the weight file, by name and bytes;
+    with `code`, also the checkpoint's code files (a checkpoint that runs its own code: a changed file is another
+    model). The native models' hash covers exactly the files it always did.
 
     Cached in memory and on disk, keyed by each file's path, size and mtime, so repeated loads are cheap.
     """
@@ -574,6 +601,8 @@ def content_hash(local_dir: str) -> str:
     if os.path.isfile(os.path.join(local_dir, PREPROCESSOR_FILE)):
         files.append(os.path.join(local_dir, PREPROCESSOR_FILE))
     files.append(weights_path(local_dir))
+    if code:
+        files += [os.path.join(local_dir, n) for n in code_files(local_dir)]
     key = tuple((os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)
     with _HASH_LOCK:
         if key in _HASHES:
@@ -614,16 +643,53 @@ def content_hash(local_dir: str) -> str:
 # The entry point
 
 
-def load_model(ref: str, storage_options: dict | None = None, cache_dir: str | None = None) -> LoadedModel:
+def load_model(
+    ref: str,
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+    expected_code_hash: str | None = None,
+) -> LoadedModel:
     """Resolve, stage, build and strictly load a checkpoint: CPU, float32, eval mode.
 
     ref: see `resolve_model_dir`. A registered name or hub id must build a model matching the registry.
-    Raises ModelLoadError naming the path and what to do.
+    A checkpoint that ships its own code (MERT-v2) loads only with `trust_remote_code` and a pinned ref, and
+    on a worker only when its code hash equals `expected_code_hash` (the driver's): see pipeline.remote_code.
+    The flag changes nothing for the natively built models. Raises ModelLoadError naming the path and what to do.
     """
     parsed = _parse_ref(ref)
+    if parsed.registered is not None and parsed.registered.remote_code:  # before anything is downloaded
+        require_opt_in(parsed.registered.name, trust_remote_code)
+        check_pinned(parsed.kind, parsed.target, parsed.revision)
     local_dir, revision = resolve_model_dir(ref, storage_options, cache_dir)
     where = local_dir if parsed.kind == "local" else f"{ref} ({local_dir})"
     config, pre = _local_configs(local_dir)
+    if needs_own_code(config) or (parsed.registered is not None and parsed.registered.remote_code):
+        if trust_remote_code:
+            check_pinned(parsed.kind, parsed.target, parsed.revision)
+        rm = load_remote(
+            local_dir,
+            config,
+            pre,
+            where=where,
+            registered=parsed.registered,
+            trust_remote_code=trust_remote_code,
+            expected_code_hash=expected_code_hash,
+        )
+        return LoadedModel(
+            spec=rm.spec,
+            model=rm.model,
+            config=config,
+            do_normalize=False,  # the checkpoint's own processor prepares the input
+            source=ref,
+            revision=revision,
+            content_hash=content_hash(local_dir, code=True),
+            local_dir=str(Path(local_dir)),
+            processor=rm.processor,
+            code_hash=rm.code_hash,
+            licence=rm.licence,
+        )
     _check_config(config, where)
     spec = _spec(config, pre, parsed, where)
     model = build_model(config, where)
@@ -645,4 +711,5 @@ def load_model(ref: str, storage_options: dict | None = None, cache_dir: str | N
         revision=revision,
         content_hash=content_hash(local_dir),
         local_dir=str(Path(local_dir)),
+        licence=parsed.registered.licence if parsed.registered is not None else None,
     )

@@ -18,17 +18,34 @@ class ModelSpec:
     frame_rate: float  # hidden-state frames per second (sample_rate / total conv stride)
     num_hidden_states: int  # transformer input + one per layer
     dim: int  # hidden size
-    family: str  # "hubert" (MERT, transformers HubertModel) | "data2vec-audio"
+    family: str  # "hubert" (MERT, transformers HubertModel) | "data2vec-audio" | "remote" (its own code)
     pre_ln: bool  # True: pre-LN transformer; last hidden state is the final layer-normed output
+    input_state: bool = True  # hidden state 0 is the transformer input (v0/v1); False: 0 is block 1 (v2)
+    default_window_s: float = 5.0  # the segment window when a run gives none (in the configuration hash)
+    context_s: float | None = None  # longest window the model takes; longer ones are refused (None: no limit)
+    licence: str | None = None  # SPDX id from the model card; None: not stated here (see the card)
+    gated: bool = (
+        False  # the hub asks the user to accept terms; a token (HF_TOKEN or the hub login) is needed
+    )
+    remote_code: bool = (
+        False  # ships its own modeling code: only through --trust-remote-code and a pinned ref
+    )
 
     @property
     def num_layers(self) -> int:
-        return self.num_hidden_states - 1
+        return self.num_hidden_states - (1 if self.input_state else 0)
 
     @property
     def layers(self) -> tuple[int, ...]:
-        """Valid hidden-state indices: 0 is the transformer input, i the output of layer i."""
+        """Valid hidden-state indices into the stored states: v0/v1 0 is the transformer input and i the output
+        of layer i; v2 (input_state False) i is the output of block i + 1."""
         return tuple(range(self.num_hidden_states))
+
+    @property
+    def layer_numbering(self) -> str:
+        if self.input_state:
+            return "0 = transformer input, i = layer i"
+        return "0 = block 1, i = block i+1"
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -39,8 +56,44 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("MERT-v0-public", "m-a-p/MERT-v0-public", 16000, 50.0, 13, 768, "hubert", False),
         ModelSpec("MERT-v0", "m-a-p/MERT-v0", 16000, 50.0, 13, 768, "hubert", False),
         ModelSpec("music2vec-v1", "m-a-p/music2vec-v1", 16000, 50.0, 13, 768, "data2vec-audio", False),
+        # September 2026, their own code (not a transformers class): hidden_states[0] is block 1, 30 s context
+        # (FullSong continues from 30-s for whole songs of 30-360 s, same interface). CC BY-NC 4.0, gated.
+        ModelSpec(
+            "MERT-v2-30s",
+            "m-a-p/MERT-v2-30s",
+            24000,
+            25.0,
+            24,
+            1024,
+            "remote",
+            False,
+            input_state=False,
+            default_window_s=30.0,
+            context_s=30.0,
+            licence="CC-BY-NC-4.0",
+            gated=True,
+            remote_code=True,
+        ),
+        ModelSpec(
+            "MERT-v2-FullSong",
+            "m-a-p/MERT-v2-FullSong",
+            24000,
+            25.0,
+            24,
+            1024,
+            "remote",
+            False,
+            input_state=False,
+            default_window_s=30.0,
+            context_s=360.0,
+            licence="CC-BY-NC-4.0",
+            gated=True,
+            remote_code=True,
+        ),
     )
 }
+# The models built natively from their config.json (transformers' HubertModel / Data2VecAudioModel).
+NATIVE: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if not s.remote_code)
 
 # model_type values found in released config.json files, by family.
 MODEL_TYPES: dict[str, str] = {

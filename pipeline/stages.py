@@ -233,6 +233,8 @@ class EmbedStage:
         normalize: bool | None = None,
         batch_size: int = 8,
         threads: int | None = None,
+        trust_remote_code: bool = False,
+        expected_code_hash: str | None = None,
     ):
         import torch
 
@@ -241,7 +243,13 @@ class EmbedStage:
 
         if threads:
             torch.set_num_threads(threads)
-        self.loaded = load_model(model, storage_options=storage_options, cache_dir=cache_dir)
+        self.loaded = load_model(
+            model,
+            storage_options=storage_options,
+            cache_dir=cache_dir,
+            trust_remote_code=trust_remote_code,
+            expected_code_hash=expected_code_hash,
+        )
         self.embedder = Embedder(
             self.loaded,
             layers=layers,

@@ -12,6 +12,8 @@ import pytest
 # Staged checkpoints and content hashes go to a throwaway cache, not the user's (set before any Ray starts,
 # so workers inherit it).
 os.environ.setdefault("MERT_PIPELINE_CACHE", tempfile.mkdtemp(prefix="mert-cache-"))
+# transformers copies a checkpoint's own code (tests/test_remote_code.py) into its modules cache: a throwaway one
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))
 
 S3_KEY = "testing-key-id"
 S3_SECRET = "testing-secret-key-do-not-log"

@@ -23,7 +23,7 @@ from pipeline.models import (
     read_model_config,
     resolve_model_dir,
 )
-from pipeline.registry import REGISTRY
+from pipeline.registry import NATIVE, REGISTRY
 
 MARKER_ENV = "MERT_TEST_PICKLE_MARKER"
 
@@ -128,7 +128,7 @@ def test_head_model_prefix_is_stripped(tmp_path, tiny):
 # The five registered models: configs shaped like them build models matching the registry
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", NATIVE)
 def test_full_size_configs_match_the_registry(tmp_path, name):
     spec = REGISTRY[name]
     cfg = checkpoint_config(name, size="full")
