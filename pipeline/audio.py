@@ -52,6 +52,10 @@ _SHORTFALL_S = 0.1
 _SHORTFALL_FRAC = 0.02
 # a native-order channel layout per channel count (FFmpeg's defaults)
 _NATIVE_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+# source rates a header may declare (Hz): below, a few bytes would become minutes of audio (a 1 Hz header turns
+# 844 bytes into 80 segments); above, no real recording (768 kHz is the highest rate audio interfaces offer)
+MIN_SOURCE_RATE_HZ = 1_000
+MAX_SOURCE_RATE_HZ = 768_000
 
 
 @dataclass
@@ -318,6 +322,109 @@ def _ogg_tail(f: Any, size: int) -> str | None:
     return "the file is cut short or damaged: no complete Ogg page at its end"
 
 
+class _DemuxerIO:
+    """The file object FFmpeg reads through (PyAV calls read/seek/tell from the demuxer): it keeps what the
+    STORAGE layer failed at apart from what the DEMUXER asked for wrongly.
+
+    - A seek before the start of the file (or with an unknown `whence`) is an invalid request: it raises
+      InvalidRequest and is remembered in `invalid`; it never reaches the storage layer.
+    - A seek at or past the end (a damaged header's object size, say) is answered here: the position moves, reads
+      there return b"" (end of file), as a local file does; it never reaches the storage layer either (a local
+      lseek past the filesystem's largest offset fails with EINVAL, an object store would fetch nothing).
+    - An exception of the underlying read or seek is the storage layer's: it is remembered in `storage_failure`
+      and re-raised.
+
+    PyAV keeps only one of the exceptions its callbacks raise (and may report an FFmpegError instead), so the
+    decoder classifies a failure by what was remembered here, not by the exception that came out of av.
+    """
+
+    def __init__(self, f: Any, size: int):
+        self._f = f
+        self.size = size
+        self._pos = 0
+        self.invalid: str | None = None  # the first invalid request the demuxer made
+        self.past_end: int | None = None  # the farthest offset past the end it asked for
+        self.storage_failure: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence not in (0, 1, 2):
+            self.invalid = self.invalid or f"a seek with whence={whence!r}"
+            raise InvalidRequest(self.invalid)
+        target = offset + (0, self._pos, self.size)[whence]
+        if target < 0:
+            self.invalid = self.invalid or f"a seek to byte {target} (before the start of the file)"
+            raise InvalidRequest(self.invalid)
+        if target >= self.size:
+            if target > self.size:
+                self.past_end = max(self.past_end or 0, target)
+            self._pos = target
+            return target
+        try:
+            self._f.seek(target)
+        except Exception as exc:
+            self.storage_failure = self.storage_failure or exc
+            raise
+        self._pos = target
+        return target
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= self.size:
+            return b""
+        try:
+            data = self._f.read(n)
+        except Exception as exc:
+            self.storage_failure = self.storage_failure or exc
+            raise
+        self._pos += len(data)
+        return data
+
+
+class InvalidRequest(Exception):
+    """The demuxer asked _DemuxerIO for something no file can give (a seek before the start)."""
+
+
+def _io_fault(uri: str, io: _DemuxerIO, exc: BaseException, codec: str | None) -> InputFault:
+    """A failure that came out of PyAV while it read through `io`, classified by where it really happened.
+
+    Only a failed read or seek of the storage layer is a storage fault (transient when the storage layer says so:
+    timeouts, resets, throttling, EIO); one that failed with EINVAL was an impossible request of the demuxer.
+    An invalid request, and anything FFmpeg itself reports, is a DecodeError (permanent).
+    """
+    import errno
+
+    import av
+
+    failure = io.storage_failure
+    if failure is not None and not (isinstance(failure, OSError) and failure.errno == errno.EINVAL):
+        return storage_fault(uri, failure)
+    where = f" ({codec} decoder)" if codec else ""
+    hint = "the file is damaged or not in an audio format FFmpeg reads; re-export or replace it"
+    if io.invalid is not None or failure is not None:
+        what = io.invalid or f"a request the {'file' if failure is None else 'storage'} refused ({failure})"
+        return DecodeError(uri, f"cannot decode: the demuxer made an invalid request: {what}{where}", hint)
+    if isinstance(exc, av.FFmpegError):
+        fault = _av_fault(uri, exc, codec)
+    else:
+        fault = DecodeError(uri, f"cannot decode: {type(exc).__name__}: {exc}{where}", hint)
+    if io.past_end is not None:
+        fault = DecodeError(
+            uri,
+            f"{fault.cause}; its headers point past the end of the file (to byte {io.past_end}; the file has "
+            f"{io.size})",
+            fault.hint,
+        )
+    return fault
+
+
 def _open_input(uri: str, storage_options: dict | None) -> tuple[Any, int]:
     """Open `uri` as a seekable binary stream through fsspec. Returns (file object, size in bytes)."""
     try:
@@ -361,18 +468,17 @@ class LocalDecoder:
         self.time_limit_s = time_limit_s
         self._t0 = time.monotonic()
         self._file, self._size = _open_input(uri, storage_options)
+        self._io = _DemuxerIO(self._file, self._size)
         self._container = None
         try:
             if self._size == 0:
                 raise EmptyAudio(uri, "the file is empty (0 bytes)", "re-upload or remove it")
             try:
-                self._container = av.open(self._file, mode="r", metadata_errors="ignore")
-            except av.FFmpegError as exc:
-                raise _av_fault(uri, exc, None) from None
+                self._container = av.open(self._io, mode="r", metadata_errors="ignore")
             except InputFault:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a read failure inside FFmpeg's I/O callback
-                raise storage_fault(uri, exc) from None
+            except Exception as exc:  # FFmpeg's error, or one of its I/O callbacks': classified
+                raise _io_fault(uri, self._io, exc, None) from None
             streams = self._container.streams.audio
             if not streams:
                 kinds = sorted({s.type for s in self._container.streams}) or ["none"]
@@ -397,6 +503,14 @@ class LocalDecoder:
                     f"cannot decode: the audio stream declares {rate} Hz and {channels} channels "
                     f"({cc.name} decoder)",
                     "the header is damaged; re-export the file",
+                )
+            if not MIN_SOURCE_RATE_HZ <= rate <= MAX_SOURCE_RATE_HZ:
+                raise DecodeError(
+                    uri,
+                    f"cannot decode: the audio stream declares a sample rate of {rate} Hz, outside the "
+                    f"{MIN_SOURCE_RATE_HZ}-{MAX_SOURCE_RATE_HZ} Hz that real recordings use ({cc.name} decoder)",
+                    "the header is damaged or the file is not a recording; re-export it at a standard rate "
+                    "(e.g. 44100 or 48000 Hz), or remove it",
                 )
             self._declared = None
             if self._stream.duration and self._stream.time_base:
@@ -446,13 +560,14 @@ class LocalDecoder:
                         frames = list(packet.decode())
                     except StopIteration:
                         break
-                    except av.FFmpegError as exc:
-                        error = exc
-                        break
                     except (InputFault, MemoryError):
                         raise
-                    except Exception as exc:  # noqa: BLE001 - a read failure inside FFmpeg's I/O callback
-                        raise storage_fault(uri, exc) from None
+                    except Exception as exc:  # FFmpeg's error, or one of its I/O callbacks'
+                        fault = _io_fault(uri, self._io, exc, info.codec)
+                        if not isinstance(fault, DecodeError):
+                            raise fault from None  # the storage layer failed: not the content's fault
+                        error = exc
+                        break
                     for frame in frames:
                         x = _frame_to_mono(frame)
                         if not np.isfinite(x).all():
@@ -491,8 +606,8 @@ class LocalDecoder:
         reasons: list[str] = []
         if error is not None:
             if total == 0:
-                raise _av_fault(uri, error, info.codec)
-            text = (getattr(error, "strerror", None) or str(error)).strip().lower()
+                raise _io_fault(uri, self._io, error, info.codec)
+            text = _io_fault(uri, self._io, error, None).cause.removeprefix("cannot decode: ")
             reasons.append(f"decoding stopped at {info.duration_s:.2f} s: {text} ({info.codec} decoder)")
         if total == 0:
             if logged:
