@@ -1,11 +1,16 @@
 """The decoder's front door on real files: damaged headers and impossible rates are permanent `decode` faults (in
 the isolated child, in-process and as ledger rows of pipeline.stages.decode_input), real storage faults stay
-storage faults (a real S3-protocol server)."""
+storage faults (a real S3-protocol server), and a decoder child dies with the process that started it."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -14,10 +19,11 @@ import pytest
 from pipeline import synth
 from pipeline.audio import MAX_SOURCE_RATE_HZ, MIN_SOURCE_RATE_HZ, read_segments
 from pipeline.config import SegmentConfig
-from pipeline.decoder import DecoderProcess
+from pipeline.decoder import FAULT_ENV, PARENT_ENV, DecoderProcess
 from pipeline.errors import DecodeError, InputFault, InputNotFound, StorageError
 from pipeline.stages import decode_input
 
+REPO = Path(__file__).resolve().parent.parent
 ASF_HEADER = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")  # the ASF Header Object's GUID
 ASF_FILE_PROPERTIES = bytes.fromhex("a1dcab8c47a9cf118ee400c00c205365")
 
@@ -203,3 +209,73 @@ def test_a_storage_server_gone_midway_is_still_a_transient_storage_error(tmp_pat
     assert type(err.value) is StorageError, f"{type(err.value).__name__}: {err.value}"
     assert err.value.kind == "storage" and err.value.transient
     assert str(err.value).startswith(uri) and S3_SECRET not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ children die with their parent
+
+_PARENT = textwrap.dedent("""
+    import sys
+    from pipeline.audio import read_segments
+    from pipeline.config import SegmentConfig
+    from pipeline.decoder import DecoderProcess
+    dec = DecoderProcess(stall_s=3600)
+    list(read_segments(sys.argv[1], sample_rate=16000, segments=SegmentConfig(), decoder=dec))  # starts the child
+    print(dec.pid, flush=True)
+    read_segments(sys.argv[2], sample_rate=16000, segments=SegmentConfig(), decoder=dec, time_limit_s=3600)
+""")
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a running (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_decoder_child_stuck_in_a_decode_dies_with_its_parent(tmp_path: Path) -> None:
+    good = synth.write_audio(tmp_path / "good.wav", synth.music_like(2.0, 16000, 1), 16000, "wav")
+    stuck = synth.write_audio(tmp_path / "__hang_me__.wav", synth.music_like(2.0, 16000, 1), 16000, "wav")
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{FAULT_ENV: "hang:__hang_me__"})
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(good), str(stuck)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            assert b"pipeline.decoder" in f.read()
+        time.sleep(1.0)  # the child is now sleeping inside the injected hang
+        assert _alive(child) and parent.poll() is None
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), f"decoder child {child} outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
+    # the race prctl cannot close by itself: the parent died before the child asked; here the child is told
+    # that its parent is a pid that is not its parent (the init process)
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{PARENT_ENV: "1"})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.decoder"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdin.close()
+        child.stdout.close()
