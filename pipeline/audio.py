@@ -7,9 +7,15 @@ the model's rate and cut it into segments, with memory bounded by a few windows 
         stream.info                   # SourceInfo: source rate, channels, codec, decoded duration, truncated
 
 Decoding runs in a DecoderProcess child by default (pipeline.decoder), so a decoder crash or hang on one file
-becomes that file's fault; resampling and segmenting run in the calling process. Every failure is an InputFault
+becomes that file's fault; resampling (StreamResampler: torchaudio's default sinc filter as a polyphase bank, any
+source rate in bounded memory) and segmenting run in the calling process. Every failure is an InputFault
 subclass (pipeline.errors) whose message names the input, the cause and what to do; a recording that yields no
 segment raises TooShort (ledger status `too_short`). Nothing here knows about Ray.
+
+Where a failure happened decides its kind: FFmpeg reads through _DemuxerIO, so only a read or seek that the
+STORAGE layer failed is a storage fault (transient or not, as pipeline.storage.storage_fault says); an impossible
+request of the demuxer (a header whose sizes point outside the file) and whatever FFmpeg reports are permanent
+`decode` faults, as is a header declaring a source rate outside MIN_SOURCE_RATE_HZ..MAX_SOURCE_RATE_HZ.
 
 A file whose audio is cut short or followed by other bytes keeps what decoded: SourceInfo.truncated is True and
 SourceInfo.warning says why. Signals checked: a decode error after some audio; errors the demuxer or decoder
@@ -545,7 +551,7 @@ class LocalDecoder:
                 raise _io_fault(uri, self._io, exc, None) from None
             streams = self._container.streams.audio
             if not streams:
-                kinds = sorted({s.type for s in self._container.streams}) or ["none"]
+                kinds: list[str] = sorted({str(s.type) for s in self._container.streams}) or ["none"]
                 raise NoAudioStream(
                     uri,
                     f"no audio stream in the {self._container.format.name} file "
