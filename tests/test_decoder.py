@@ -88,6 +88,18 @@ def test_wma_whose_header_points_past_the_end_is_a_decode_row_of_the_ledger(tmp_
         assert rec["segments"] == 0
 
 
+def test_five_such_wma_files_first_in_a_listing_do_not_stop_the_run_as_systemic(tmp_path: Path) -> None:
+    from pipeline.engine import SYSTEMIC_FIRST, systemic_failure
+
+    bad = _wma_with_sizes_past_the_end(tmp_path / "oversized.wma").read_bytes()
+    first = []
+    for i in range(SYSTEMIC_FIRST):
+        (tmp_path / f"corpus_{i}.wma").write_bytes(bad)
+        first.append(_record(str(tmp_path / f"corpus_{i}.wma")))
+    assert {r["error_kind"] for r in first} == {"decode"}
+    assert systemic_failure(first, total=2 * SYSTEMIC_FIRST) is None
+
+
 def _wav_declaring(path: Path, rate: int) -> Path:
     """A real 16 kHz mono WAV whose RIFF fmt chunk is patched to declare `rate` Hz (and the matching byte rate)."""
     good = synth.write_audio(
