@@ -7,9 +7,15 @@ the model's rate and cut it into segments, with memory bounded by a few windows 
         stream.info                   # SourceInfo: source rate, channels, codec, decoded duration, truncated
 
 Decoding runs in a DecoderProcess child by default (pipeline.decoder), so a decoder crash or hang on one file
-becomes that file's fault; resampling and segmenting run in the calling process. Every failure is an InputFault
+becomes that file's fault; resampling (StreamResampler: torchaudio's default sinc filter as a polyphase bank, any
+source rate in bounded memory) and segmenting run in the calling process. Every failure is an InputFault
 subclass (pipeline.errors) whose message names the input, the cause and what to do; a recording that yields no
 segment raises TooShort (ledger status `too_short`). Nothing here knows about Ray.
+
+Where a failure happened decides its kind: FFmpeg reads through _DemuxerIO, so only a read or seek that the
+STORAGE layer failed is a storage fault (transient or not, as pipeline.storage.storage_fault says); an impossible
+request of the demuxer (a header whose sizes point outside the file) and whatever FFmpeg reports are permanent
+`decode` faults, as is a header declaring a source rate outside MIN_SOURCE_RATE_HZ..MAX_SOURCE_RATE_HZ.
 
 A file whose audio is cut short or followed by other bytes keeps what decoded: SourceInfo.truncated is True and
 SourceInfo.warning says why. Signals checked: a decode error after some audio; errors the demuxer or decoder
@@ -52,6 +58,10 @@ _SHORTFALL_S = 0.1
 _SHORTFALL_FRAC = 0.02
 # a native-order channel layout per channel count (FFmpeg's defaults)
 _NATIVE_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+# source rates a header may declare (Hz): below, a few bytes would become minutes of audio (a 1 Hz header turns
+# 844 bytes into 80 segments); above, no real recording (768 kHz is the highest rate audio interfaces offer)
+MIN_SOURCE_RATE_HZ = 1_000
+MAX_SOURCE_RATE_HZ = 768_000
 
 
 @dataclass
@@ -74,14 +84,52 @@ class SourceInfo:
 # --------------------------------------------------------------------------------------------------- resampling
 
 
-class StreamResampler:
-    """torchaudio.functional.resample (sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99), applied in pieces.
+# torchaudio.functional.resample's defaults: the filter that every resampling here applies
+LOWPASS_FILTER_WIDTH = 6  # zero crossings of the sinc on each side
+ROLLOFF = 0.99  # cut-off as a fraction of the lower rate's Nyquist frequency
+_BLOCK_KERNEL_FLOATS = 1 << 20  # the largest dense block kernel StreamResampler builds (4 MB)
 
-    The whole-signal function zero-pads `width` samples in front and `width + orig` behind, then convolves with a
-    bank of `new` kernels at stride `orig` (rates reduced by their gcd). Here the padded signal streams through a
-    buffer: each call convolves every complete stride block and keeps the `width`-sample overlap; `flush()` adds the
-    tail padding and trims to ceil(new * n / orig) samples. The concatenated output equals the whole-signal result
-    (to float32 rounding, ~1e-6); equal rates are the identity.
+
+def sinc_filter_bank(orig: int, new: int) -> tuple[np.ndarray, int]:
+    """The polyphase windowed-sinc filter from `orig` to `new` (rates reduced by their gcd): (bank, width).
+
+    bank[j, q] (shape (new, 2 * width + 2), float32) weighs input sample floor(m * orig / new) - width + q for
+    every output sample m with m mod new == j. Weights are computed in float64 from the exact integer offset
+    i * new - m * orig, then rounded to float32; rows are built a slice at a time so that the float64
+    temporaries stay a few MB.
+    """
+    if not (orig > 0 and new > 0):
+        raise ValueError(f"rates {orig!r} -> {new!r}: must be positive integers")
+    base = min(orig, new) * ROLLOFF
+    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / base)
+    taps = 2 * width + 2
+    bank = np.empty((new, taps), dtype=np.float32)
+    q = np.arange(taps, dtype=np.int64) - width  # (taps,)
+    step = max(1, (1 << 18) // taps)
+    for j0 in range(0, new, step):
+        j = np.arange(j0, min(new, j0 + step), dtype=np.int64)[:, None]  # (J, 1) phases
+        d = (j * orig // new + q) * new - j * orig  # (J, taps) exact: (i / orig - m / new) * orig * new
+        t = d * (base / (orig * new))  # in units of the filter's zero crossings
+        h = np.sinc(t) * np.cos(t * (math.pi / (2 * LOWPASS_FILTER_WIDTH))) ** 2 * (base / orig)
+        bank[j0 : j0 + j.shape[0]] = np.where(np.abs(t) <= LOWPASS_FILTER_WIDTH, h, 0.0)
+    return bank, width
+
+
+class StreamResampler:
+    """Band-limited resampling (windowed sinc) of a stream pushed in pieces, with memory bounded by the rates'
+    reduced ratio: the same filter as torchaudio.functional.resample's defaults (sinc_interp_hann,
+    lowpass_filter_width=6, rolloff=0.99), evaluated as a polyphase filter.
+
+    Output sample m (at new_sr) is sum_i x[i] * h(i / orig - m / new) over input samples i (at orig_sr, zero
+    outside the signal), rates reduced by their gcd, with h(t) = sinc(pi * b * t) * cos^2(pi * b * t / 12) * b / orig
+    for |b * t| <= 6 and 0 beyond, b = 0.99 * min(orig, new). The output needs only the `taps` = 2 * width + 2 input
+    samples from floor(m * orig / new) - width on (width = ceil(6 * orig / b)), and its weights depend only on the
+    phase m mod new. So the filter bank is (new, taps) float32 (torchaudio builds (new, 2 * width + orig), which for a
+    44101 Hz source is 24000 x 44127 floats: ~4 GB), and each output costs `taps` multiply-adds.
+
+    push() returns every output whose inputs have all arrived; flush() pads the end with zeros and trims the total
+    to ceil(new_sr * n / orig_sr) samples, as torchaudio does. The concatenated output equals torchaudio's
+    whole-signal result to float32 rounding; equal rates are the identity.
     """
 
     def __init__(self, orig_sr: int, new_sr: int):
@@ -94,39 +142,70 @@ class StreamResampler:
         self._orig = orig_sr // g
         self._new = new_sr // g
         self._in = 0  # input samples pushed
-        self._out = 0  # output samples returned
+        self._out = 0  # output samples returned (= index of the next output sample)
         self._flushed = False
         if self.identity:
             return
-        import torch
-        from torchaudio.functional.functional import _get_sinc_resample_kernel
+        self._bank, self._width = sinc_filter_bank(self._orig, self._new)
+        self._taps = int(self._bank.shape[1])
+        # For small reduced ratios (every common rate) the same weights also serve as one dense block kernel:
+        # all `new` phases of block b read the `span` inputs from b * orig - width on, so whole blocks are one
+        # BLAS matrix product (more multiply-adds than the gather, far less overhead). Not built when it would
+        # pass _BLOCK_KERNEL_FLOATS (odd rates): their outputs are gathered.
+        self._block_t: np.ndarray | None = None
+        first = np.arange(self._new) * self._orig // self._new  # (new,) each phase's first input in its block
+        span = int(first[-1]) + self._taps  # at most orig + taps - 1
+        if self._new * span <= _BLOCK_KERNEL_FLOATS:
+            block = np.zeros((self._new, span), dtype=np.float32)
+            block[np.arange(self._new)[:, None], first[:, None] + np.arange(self._taps)] = self._bank
+            self._block_t = np.ascontiguousarray(block.T)  # (span, new)
+        # input samples held, with the global index of the first one: `width` zeros of front padding to start
+        self._buf = np.zeros(self._width, dtype=np.float32)
+        self._buf0 = -self._width
 
-        kernel, width = _get_sinc_resample_kernel(orig_sr, new_sr, g, device=torch.device("cpu"), dtype=None)
-        self._kernel_t = np.ascontiguousarray(kernel[:, 0, :].numpy().T)  # (2 * width + orig, new) float32
-        self._width = width
-        self._klen = int(self._kernel_t.shape[0])
-        self._buf = np.zeros(width, dtype=np.float32)  # the front zero padding
-
-    def _convolve(self) -> np.ndarray:
-        """Convolve every complete stride block of the buffer; keep the rest.
-
-        Output block j is kernel (new, klen) @ buf[j*orig : j*orig + klen]: the same products as torchaudio's
-        conv1d, computed as one matrix product per slice of blocks (numpy BLAS; torch's threaded conv1d is ~5x
-        slower on these small kernels when it has more than one thread).
-        """
-        n_blocks = (self._buf.size - self._klen) // self._orig + 1 if self._buf.size >= self._klen else 0
-        if n_blocks <= 0:
+    def _emit(self, limit: int | None) -> np.ndarray:
+        """Every output sample m >= self._out (and < limit) whose `taps` inputs are all in the buffer."""
+        end = self._buf0 + self._buf.size  # global index one past the last buffered input
+        last = end - self._taps + self._width  # outputs m with floor(m * orig / new) <= last are ready
+        ready = -(-(last + 1) * self._new // self._orig) if last >= -1 else 0  # ceil((last + 1) * new / orig)
+        if limit is not None:
+            ready = min(ready, limit)
+        count = ready - self._out
+        if count <= 0:
             return np.zeros(0, dtype=np.float32)
-        windows = np.lib.stride_tricks.sliding_window_view(self._buf, self._klen)[
-            :: self._orig
-        ]  # (blocks, klen)
-        out = np.empty((n_blocks, self._new), dtype=np.float32)
-        step = max(1, (1 << 21) // (self._klen * 4))  # ~2 MB of gathered windows per product
-        for i in range(0, n_blocks, step):
-            j = min(n_blocks, i + step)
-            np.matmul(windows[i:j], self._kernel_t, out=out[i:j])
-        self._buf = self._buf[n_blocks * self._orig :].copy()
-        return out.reshape(-1)  # (n_blocks * new,)
+        out = np.empty(count, dtype=np.float32)
+        done = 0
+        if self._block_t is not None:
+            # whole blocks of `new` outputs as one BLAS product: block b's inputs start at b * orig - width
+            head = min(count, (-self._out) % self._new)  # outputs before the next block boundary
+            blocks = (count - head) // self._new
+            if blocks > 0:
+                self._gather(self._out, head, out[:head])
+                start = (self._out + head) // self._new * self._orig - self._width - self._buf0
+                rows = np.lib.stride_tricks.sliding_window_view(self._buf, self._block_t.shape[0])
+                np.matmul(
+                    rows[start : start + (blocks - 1) * self._orig + 1 : self._orig],  # (blocks, span) view
+                    self._block_t,  # (span, new)
+                    out=out[head : head + blocks * self._new].reshape(blocks, self._new),
+                )
+                done = head + blocks * self._new
+        self._gather(self._out + done, count - done, out[done:])
+        self._out = ready
+        keep = self._out * self._orig // self._new - self._width - self._buf0  # the next output's first input
+        self._buf = self._buf[keep:].copy()
+        self._buf0 += keep
+        return out
+
+    def _gather(self, m0: int, count: int, out: np.ndarray) -> None:
+        """Output samples m0 .. m0 + count - 1 into `out`: each one's `taps` inputs times its phase's weights."""
+        if count <= 0:
+            return
+        windows = np.lib.stride_tricks.sliding_window_view(self._buf, self._taps)  # (n - taps + 1, taps) view
+        step = max(1, (1 << 20) // self._taps)  # ~4 MB of gathered inputs (and as many weights) per slice
+        for i in range(0, count, step):
+            m = np.arange(m0 + i, m0 + min(count, i + step), dtype=np.int64)
+            start = m * self._orig // self._new - self._width - self._buf0  # (M,) into the buffer
+            np.einsum("ij,ij->i", windows[start], self._bank[m % self._new], out=out[i : i + m.size])
 
     def push(self, x: np.ndarray) -> np.ndarray:
         """Add (n,) float32 samples at orig_sr; return the (m,) float32 samples at new_sr ready so far."""
@@ -140,9 +219,7 @@ class StreamResampler:
         if x.size == 0:
             return np.zeros(0, dtype=np.float32)
         self._buf = np.concatenate([self._buf, x])
-        out = self._convolve()
-        self._out += out.size
-        return out
+        return self._emit(None)
 
     def flush(self) -> np.ndarray:
         """The last samples, trimmed so that the total output is ceil(new_sr * n_in / orig_sr)."""
@@ -151,11 +228,8 @@ class StreamResampler:
         self._flushed = True
         if self.identity:
             return np.zeros(0, dtype=np.float32)
-        self._buf = np.concatenate([self._buf, np.zeros(self._width + self._orig, dtype=np.float32)])
-        out = self._convolve()
-        target = -(-self._new * self._in // self._orig)
-        out = out[: max(0, target - self._out)]
-        self._out += out.size
+        self._buf = np.concatenate([self._buf, np.zeros(self._taps, dtype=np.float32)])
+        out = self._emit(-(-self._new * self._in // self._orig))
         self._buf = np.zeros(0, dtype=np.float32)
         return out
 
@@ -318,6 +392,109 @@ def _ogg_tail(f: Any, size: int) -> str | None:
     return "the file is cut short or damaged: no complete Ogg page at its end"
 
 
+class _DemuxerIO:
+    """The file object FFmpeg reads through (PyAV calls read/seek/tell from the demuxer): it keeps what the
+    STORAGE layer failed at apart from what the DEMUXER asked for wrongly.
+
+    - A seek before the start of the file (or with an unknown `whence`) is an invalid request: it raises
+      InvalidRequest and is remembered in `invalid`; it never reaches the storage layer.
+    - A seek at or past the end (a damaged header's object size, say) is answered here: the position moves, reads
+      there return b"" (end of file), as a local file does; it never reaches the storage layer either (a local
+      lseek past the filesystem's largest offset fails with EINVAL, an object store would fetch nothing).
+    - An exception of the underlying read or seek is the storage layer's: it is remembered in `storage_failure`
+      and re-raised.
+
+    PyAV keeps only one of the exceptions its callbacks raise (and may report an FFmpegError instead), so the
+    decoder classifies a failure by what was remembered here, not by the exception that came out of av.
+    """
+
+    def __init__(self, f: Any, size: int):
+        self._f = f
+        self.size = size
+        self._pos = 0
+        self.invalid: str | None = None  # the first invalid request the demuxer made
+        self.past_end: int | None = None  # the farthest offset past the end it asked for
+        self.storage_failure: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence not in (0, 1, 2):
+            self.invalid = self.invalid or f"a seek with whence={whence!r}"
+            raise InvalidRequest(self.invalid)
+        target = offset + (0, self._pos, self.size)[whence]
+        if target < 0:
+            self.invalid = self.invalid or f"a seek to byte {target} (before the start of the file)"
+            raise InvalidRequest(self.invalid)
+        if target >= self.size:
+            if target > self.size:
+                self.past_end = max(self.past_end or 0, target)
+            self._pos = target
+            return target
+        try:
+            self._f.seek(target)
+        except Exception as exc:
+            self.storage_failure = self.storage_failure or exc
+            raise
+        self._pos = target
+        return target
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= self.size:
+            return b""
+        try:
+            data = self._f.read(n)
+        except Exception as exc:
+            self.storage_failure = self.storage_failure or exc
+            raise
+        self._pos += len(data)
+        return data
+
+
+class InvalidRequest(Exception):
+    """The demuxer asked _DemuxerIO for something no file can give (a seek before the start)."""
+
+
+def _io_fault(uri: str, io: _DemuxerIO, exc: BaseException, codec: str | None) -> InputFault:
+    """A failure that came out of PyAV while it read through `io`, classified by where it really happened.
+
+    Only a failed read or seek of the storage layer is a storage fault (transient when the storage layer says so:
+    timeouts, resets, throttling, EIO); one that failed with EINVAL was an impossible request of the demuxer.
+    An invalid request, and anything FFmpeg itself reports, is a DecodeError (permanent).
+    """
+    import errno
+
+    import av
+
+    failure = io.storage_failure
+    if failure is not None and not (isinstance(failure, OSError) and failure.errno == errno.EINVAL):
+        return storage_fault(uri, failure)
+    where = f" ({codec} decoder)" if codec else ""
+    hint = "the file is damaged or not in an audio format FFmpeg reads; re-export or replace it"
+    if io.invalid is not None or failure is not None:
+        what = io.invalid or f"a request the {'file' if failure is None else 'storage'} refused ({failure})"
+        return DecodeError(uri, f"cannot decode: the demuxer made an invalid request: {what}{where}", hint)
+    if isinstance(exc, av.FFmpegError):
+        fault = _av_fault(uri, exc, codec)
+    else:
+        fault = DecodeError(uri, f"cannot decode: {type(exc).__name__}: {exc}{where}", hint)
+    if io.past_end is not None:
+        fault = DecodeError(
+            uri,
+            f"{fault.cause}; its headers point past the end of the file (to byte {io.past_end}; the file has "
+            f"{io.size})",
+            fault.hint,
+        )
+    return fault
+
+
 def _open_input(uri: str, storage_options: dict | None) -> tuple[Any, int]:
     """Open `uri` as a seekable binary stream through fsspec. Returns (file object, size in bytes)."""
     try:
@@ -361,21 +538,20 @@ class LocalDecoder:
         self.time_limit_s = time_limit_s
         self._t0 = time.monotonic()
         self._file, self._size = _open_input(uri, storage_options)
+        self._io = _DemuxerIO(self._file, self._size)
         self._container = None
         try:
             if self._size == 0:
                 raise EmptyAudio(uri, "the file is empty (0 bytes)", "re-upload or remove it")
             try:
-                self._container = av.open(self._file, mode="r", metadata_errors="ignore")
-            except av.FFmpegError as exc:
-                raise _av_fault(uri, exc, None) from None
+                self._container = av.open(self._io, mode="r", metadata_errors="ignore")
             except InputFault:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a read failure inside FFmpeg's I/O callback
-                raise storage_fault(uri, exc) from None
+            except Exception as exc:  # FFmpeg's error, or one of its I/O callbacks': classified
+                raise _io_fault(uri, self._io, exc, None) from None
             streams = self._container.streams.audio
             if not streams:
-                kinds = sorted({s.type for s in self._container.streams}) or ["none"]
+                kinds: list[str] = sorted({str(s.type) for s in self._container.streams}) or ["none"]
                 raise NoAudioStream(
                     uri,
                     f"no audio stream in the {self._container.format.name} file "
@@ -397,6 +573,14 @@ class LocalDecoder:
                     f"cannot decode: the audio stream declares {rate} Hz and {channels} channels "
                     f"({cc.name} decoder)",
                     "the header is damaged; re-export the file",
+                )
+            if not MIN_SOURCE_RATE_HZ <= rate <= MAX_SOURCE_RATE_HZ:
+                raise DecodeError(
+                    uri,
+                    f"cannot decode: the audio stream declares a sample rate of {rate} Hz, outside the "
+                    f"{MIN_SOURCE_RATE_HZ}-{MAX_SOURCE_RATE_HZ} Hz that real recordings use ({cc.name} decoder)",
+                    "the header is damaged or the file is not a recording; re-export it at a standard rate "
+                    "(e.g. 44100 or 48000 Hz), or remove it",
                 )
             self._declared = None
             if self._stream.duration and self._stream.time_base:
@@ -446,13 +630,14 @@ class LocalDecoder:
                         frames = list(packet.decode())
                     except StopIteration:
                         break
-                    except av.FFmpegError as exc:
-                        error = exc
-                        break
                     except (InputFault, MemoryError):
                         raise
-                    except Exception as exc:  # noqa: BLE001 - a read failure inside FFmpeg's I/O callback
-                        raise storage_fault(uri, exc) from None
+                    except Exception as exc:  # FFmpeg's error, or one of its I/O callbacks'
+                        fault = _io_fault(uri, self._io, exc, info.codec)
+                        if not isinstance(fault, DecodeError):
+                            raise fault from None  # the storage layer failed: not the content's fault
+                        error = exc
+                        break
                     for frame in frames:
                         x = _frame_to_mono(frame)
                         if not np.isfinite(x).all():
@@ -491,8 +676,8 @@ class LocalDecoder:
         reasons: list[str] = []
         if error is not None:
             if total == 0:
-                raise _av_fault(uri, error, info.codec)
-            text = (getattr(error, "strerror", None) or str(error)).strip().lower()
+                raise _io_fault(uri, self._io, error, info.codec)
+            text = _io_fault(uri, self._io, error, None).cause.removeprefix("cannot decode: ")
             reasons.append(f"decoding stopped at {info.duration_s:.2f} s: {text} ({info.codec} decoder)")
         if total == 0:
             if logged:

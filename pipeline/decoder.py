@@ -20,6 +20,10 @@ Timeouts: if no message arrives within `stall_s` seconds, or the time spent wait
 `time_limit_s` (time the consumer holds the stream does not count), the child is killed: DecodeTimeout. If the
 child exits or its pipe closes mid-input: DecoderCrashed (with its exit status and the tail of its stderr).
 
+The child dies with its parent: on Linux it asks the kernel (prctl PR_SET_PDEATHSIG) for SIGKILL when the
+parent thread that started it exits, which works even while it is stuck inside FFmpeg's C code; elsewhere a
+watchdog thread polls the parent's pid. A child whose parent died before it could ask exits at once.
+
 Fault injection (tests): the CHILD reads MERT_PIPELINE_FAULT_INJECTION, a comma-separated list of
 `<action>:<substring>`; when the URI being opened contains the substring it acts before decoding:
   crash       os._exit(134), like a decoder that segfaults or aborts
@@ -52,6 +56,8 @@ from pipeline import errors
 from pipeline.errors import DecodeError, DecoderCrashed, DecodeTimeout, InputFault
 
 FAULT_ENV = "MERT_PIPELINE_FAULT_INJECTION"
+PARENT_ENV = "MERT_PIPELINE_DECODER_PARENT"  # the pid of the process that started the child
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _HDR = struct.Struct(">cI")
 
 
@@ -90,8 +96,40 @@ def _act(action: str) -> None:
         time.sleep(3600)
 
 
+def _die_with_parent() -> None:
+    """Make this child die when the process that started it dies, even while it is stuck in C code.
+
+    Linux: PR_SET_PDEATHSIG delivers SIGKILL when the parent THREAD that forked this child exits (not only the
+    whole process). That matches how children are started: DecoderProcess starts its child lazily from the
+    thread that calls open(), and default_decoder() keeps one DecoderProcess per thread, so a child never
+    outlives the worker thread that owns it. (A DecoderProcess shared across threads loses its child when the
+    thread that started it exits; open() then starts a new one.) prctl runs after this interpreter started, so
+    the parent may already be gone: the pid check below closes that race (an orphan is re-parented, and its
+    parent pid changes). Elsewhere a daemon thread polls the parent pid once a second.
+    """
+    expected = int(os.environ.get(PARENT_ENV) or 0)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            print(f"pipeline.decoder: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}", file=sys.stderr)
+    elif expected:
+
+        def watch() -> None:
+            while os.getppid() == expected:
+                time.sleep(1.0)
+            os._exit(0)
+
+        threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+    if expected and os.getppid() != expected:
+        os._exit(0)  # the parent died before prctl ran: nobody will read what this child decodes
+
+
 def _child_main() -> None:
     """Serve open requests until stdin closes or b"Q" arrives."""
+    _die_with_parent()
     # The protocol owns the original stdout; anything else printing to fd 1 goes to stderr instead.
     proto_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -265,6 +303,7 @@ class DecoderProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_NUM_THREADS", "1")
+        env[PARENT_ENV] = str(os.getpid())
         if self._stderr is None:
             self._stderr = tempfile.TemporaryFile()
         self._stderr.seek(0)

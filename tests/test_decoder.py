@@ -1,0 +1,293 @@
+"""The decoder's front door on real files: damaged headers and impossible rates are permanent `decode` faults (in
+the isolated child, in-process and as ledger rows of pipeline.stages.decode_input), real storage faults stay
+storage faults (a real S3-protocol server), and a decoder child dies with the process that started it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import synth
+from pipeline.audio import MAX_SOURCE_RATE_HZ, MIN_SOURCE_RATE_HZ, read_segments
+from pipeline.config import SegmentConfig
+from pipeline.decoder import FAULT_ENV, PARENT_ENV, DecoderProcess
+from pipeline.errors import DecodeError, InputFault, InputNotFound, StorageError
+from pipeline.stages import decode_input
+
+REPO = Path(__file__).resolve().parent.parent
+ASF_HEADER = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")  # the ASF Header Object's GUID
+ASF_FILE_PROPERTIES = bytes.fromhex("a1dcab8c47a9cf118ee400c00c205365")
+
+
+def _record(uri: str, **kw) -> dict:
+    """The ledger record decode_input yields for `uri` (its last row)."""
+    tables = list(
+        decode_input(uri, "rid", "fp", sample_rate=24000, segments=SegmentConfig(), time_limit_s=60, **kw)
+    )
+    return json.loads(tables[-1].column("record")[-1].as_py())
+
+
+def _wma_with_sizes_past_the_end(path: Path) -> Path:
+    """A real WMA (wmav2 in ASF, encoded by PyAV) whose File Properties object declares a size of 2**50 bytes:
+    the ASF demuxer seeks to that object's end, far past the end of the file (and past what lseek allows)."""
+    good = synth.write_audio(
+        path.with_name("good.wma"), synth.music_like(3.0, 44100, 2, seed=1), 44100, "wma"
+    )
+    data = bytearray(good.read_bytes())
+    assert data[:16] == ASF_HEADER
+    pos, patched = 30, 0  # the header's objects follow its 30-byte preamble
+    for _ in range(struct.unpack("<I", data[24:28])[0]):
+        size = struct.unpack("<Q", data[pos + 16 : pos + 24])[0]
+        if data[pos : pos + 16] == ASF_FILE_PROPERTIES:
+            data[pos + 16 : pos + 24] = struct.pack("<Q", 1 << 50)
+            patched += 1
+        pos += size
+    assert patched == 1
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_wma_whose_header_points_past_the_end_is_a_permanent_decode_error(
+    tmp_path: Path, isolate: bool
+) -> None:
+    path = _wma_with_sizes_past_the_end(tmp_path / "oversized.wma")
+    uri = str(path)
+    dec = DecoderProcess(stall_s=30)
+    try:
+        with pytest.raises(InputFault) as err:
+            with read_segments(
+                uri, sample_rate=24000, segments=SegmentConfig(), isolate=isolate, decoder=dec
+            ) as s:
+                list(s)
+    finally:
+        dec.close()
+    fault = err.value
+    assert type(fault) is DecodeError, f"{type(fault).__name__}: {fault}"
+    assert fault.kind == "decode" and not fault.transient
+    assert str(fault).startswith(f"{uri}: cannot decode")
+    assert "past the end of the file" in fault.cause and "re-export or replace it" in str(fault)
+
+
+def test_wma_whose_header_points_past_the_end_is_a_decode_row_of_the_ledger(tmp_path: Path) -> None:
+    uri = str(_wma_with_sizes_past_the_end(tmp_path / "oversized.wma"))
+    for isolate in (False, True):
+        rec = _record(uri, isolate=isolate)
+        assert (rec["status"], rec["error_kind"], rec["retryable"]) == ("error", "decode", False), rec
+        assert rec["error_message"].startswith(f"{uri}: cannot decode"), rec
+        assert "re-export or replace it" in rec["error_message"]
+        assert rec["segments"] == 0
+
+
+def test_five_such_wma_files_first_in_a_listing_do_not_stop_the_run_as_systemic(tmp_path: Path) -> None:
+    from pipeline.engine import SYSTEMIC_FIRST, systemic_failure
+
+    bad = _wma_with_sizes_past_the_end(tmp_path / "oversized.wma").read_bytes()
+    first = []
+    for i in range(SYSTEMIC_FIRST):
+        (tmp_path / f"corpus_{i}.wma").write_bytes(bad)
+        first.append(_record(str(tmp_path / f"corpus_{i}.wma")))
+    assert {r["error_kind"] for r in first} == {"decode"}
+    assert systemic_failure(first, total=2 * SYSTEMIC_FIRST) is None
+
+
+def _wav_declaring(path: Path, rate: int) -> Path:
+    """A real 16 kHz mono WAV whose RIFF fmt chunk is patched to declare `rate` Hz (and the matching byte rate)."""
+    good = synth.write_audio(
+        path.with_name("good.wav"), synth.music_like(0.5, 16000, 1, seed=2), 16000, "wav"
+    )
+    data = bytearray(good.read_bytes())
+    fmt = data.index(b"fmt ")
+    assert struct.unpack("<I", data[fmt + 12 : fmt + 16])[0] == 16000
+    data[fmt + 12 : fmt + 20] = struct.pack("<II", rate, rate * 2)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("rate", [1, 900, 800_000])
+def test_a_header_declaring_an_absurd_rate_is_a_named_decode_row(tmp_path: Path, rate: int) -> None:
+    uri = str(_wav_declaring(tmp_path / f"rate{rate}.wav", rate))
+    for isolate in (False, True):
+        rec = _record(uri, isolate=isolate)
+        assert (rec["status"], rec["error_kind"], rec["retryable"]) == ("error", "decode", False), rec
+        msg = rec["error_message"]
+        assert msg.startswith(
+            f"{uri}: cannot decode: the audio stream declares a sample rate of {rate} Hz"
+        ), msg
+        assert f"{MIN_SOURCE_RATE_HZ}-{MAX_SOURCE_RATE_HZ} Hz" in msg and "re-export it" in msg
+        assert rec["segments"] == 0
+
+
+def test_rates_at_the_bounds_still_decode(tmp_path: Path) -> None:
+    for rate in (MIN_SOURCE_RATE_HZ, MAX_SOURCE_RATE_HZ):
+        rec = _record(str(_wav_declaring(tmp_path / f"rate{rate}.wav", rate)), isolate=False)
+        assert rec["sample_rate"] == rate and rec["error_kind"] is None, rec
+        assert rec["status"] in ("ok", "too_short")  # 8000 samples: 8 s at 1 kHz, 10 ms at 768 kHz
+
+
+# ------------------------------------------------------------------------------- real storage faults stay so
+
+
+def _upload_long_wav(tmp_path: Path, fs, key: str) -> None:
+    """A 60 s 48 kHz stereo WAV (11.5 MB: more than one 4 MB read block) uploaded to `key`."""
+    local = synth.encode_chunks(tmp_path / "long.wav", synth.long_music_chunks(60, 48000, 2), 48000, 2, "wav")
+    fs.put(str(local), key)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_an_object_deleted_midway_is_still_not_found(
+    tmp_path: Path, s3_options: dict, s3_bucket: str, isolate: bool
+) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    _upload_long_wav(tmp_path, fs, f"{s3_bucket}/long.wav")
+    uri = f"s3://{s3_bucket}/long.wav"
+    dec = DecoderProcess(stall_s=60)
+    try:
+        stream = read_segments(
+            uri,
+            sample_rate=16000,
+            segments=SegmentConfig(),
+            storage_options=s3_options,
+            isolate=isolate,
+            decoder=dec,
+            chunk_s=0.5,
+        )
+        with stream:
+            it = iter(stream)
+            assert next(it).index == 0  # the first 4 MB block is read
+            fs.rm(f"{s3_bucket}/long.wav")
+            with pytest.raises(InputFault) as err:
+                list(it)
+    finally:
+        dec.close()
+    assert type(err.value) is InputNotFound, f"{type(err.value).__name__}: {err.value}"
+    assert str(err.value).startswith(uri) and s3_options["secret"] not in str(err.value)
+
+
+def test_a_storage_server_gone_midway_is_still_a_transient_storage_error(tmp_path: Path) -> None:
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import S3_KEY, S3_SECRET, _free_port
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    opts = {
+        "key": S3_KEY,
+        "secret": S3_SECRET,
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+    }
+    stopped = False
+    try:
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+        ).create_bucket(Bucket="gone-midway")
+        fs = s3fs.S3FileSystem(**opts)
+        _upload_long_wav(tmp_path, fs, "gone-midway/long.wav")
+        uri = "s3://gone-midway/long.wav"
+        with read_segments(
+            uri, sample_rate=16000, segments=SegmentConfig(), storage_options=opts, isolate=False, chunk_s=0.5
+        ) as stream:
+            it = iter(stream)
+            assert next(it).index == 0
+            server.stop()
+            stopped = True
+            t0 = time.monotonic()
+            with pytest.raises(InputFault) as err:
+                list(it)
+        assert time.monotonic() - t0 < 60
+    finally:
+        if not stopped:
+            server.stop()
+    assert type(err.value) is StorageError, f"{type(err.value).__name__}: {err.value}"
+    assert err.value.kind == "storage" and err.value.transient
+    assert str(err.value).startswith(uri) and S3_SECRET not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ children die with their parent
+
+_PARENT = textwrap.dedent("""
+    import sys
+    from pipeline.audio import read_segments
+    from pipeline.config import SegmentConfig
+    from pipeline.decoder import DecoderProcess
+    dec = DecoderProcess(stall_s=3600)
+    list(read_segments(sys.argv[1], sample_rate=16000, segments=SegmentConfig(), decoder=dec))  # starts the child
+    print(dec.pid, flush=True)
+    read_segments(sys.argv[2], sample_rate=16000, segments=SegmentConfig(), decoder=dec, time_limit_s=3600)
+""")
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a running (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_decoder_child_stuck_in_a_decode_dies_with_its_parent(tmp_path: Path) -> None:
+    good = synth.write_audio(tmp_path / "good.wav", synth.music_like(2.0, 16000, 1), 16000, "wav")
+    stuck = synth.write_audio(tmp_path / "__hang_me__.wav", synth.music_like(2.0, 16000, 1), 16000, "wav")
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{FAULT_ENV: "hang:__hang_me__"})
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(good), str(stuck)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    child = None
+    try:
+        child = int(parent.stdout.readline())
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            assert b"pipeline.decoder" in f.read()
+        time.sleep(1.0)  # the child is now sleeping inside the injected hang
+        assert _alive(child) and parent.poll() is None
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), f"decoder child {child} outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
+    # the race prctl cannot close by itself: the parent died before the child asked; here the child is told
+    # that its parent is a pid that is not its parent (the init process)
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{PARENT_ENV: "1"})
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.decoder"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdin.close()
+        child.stdout.close()
