@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.config import RunConfig
-from pipeline.errors import PipelineError, RunInterrupted, RunStopped
+from pipeline.errors import PipelineError, RunIdTaken, RunInterrupted, RunStopped
 from pipeline.inputs import InputItem, list_inputs, read_manifest
 from pipeline.stages import decode_batch, layer_column
 from pipeline.table import (
@@ -66,6 +66,16 @@ def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
         )
     normalize = loaded.do_normalize if cfg.normalize is None else bool(cfg.normalize)
     seg = cfg.segment_config()
+    from pipeline.models import receptive_field
+
+    field = receptive_field(loaded.config)  # samples at spec.sample_rate
+    for name, seconds in (("window_s", seg.window_s), ("min_segment_s", seg.min_segment_s)):
+        if round(seconds * spec.sample_rate) < field:  # a usage error (exit 2), like SegmentConfig's
+            raise ValueError(
+                f"{name}={seconds!r} is {round(seconds * spec.sample_rate)} samples at {spec.sample_rate} Hz, "
+                f"shorter than the receptive field of {spec.name}: {field} samples "
+                f"({field / spec.sample_rate:.4g} s); give at least that"
+            )
     numbers = {
         "model_content_hash": loaded.content_hash,
         "window_s": seg.window_s,
@@ -671,6 +681,17 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     table.check_writable()
     # The lease first, then the ledger: a run that waited for another one's lease sees what that run committed.
     table.acquire_lease(run_id, cfg.lease_ttl_s, cfg.lease_wait_s)
+    try:
+        used = table.run_files(run_id)
+    except BaseException:
+        table.release_lease()
+        raise
+    if used:  # a run never overwrites another run's shards or record
+        table.release_lease()
+        raise RunIdTaken(
+            f"run id {run_id!r} is already used in {cfg.output} ({len(used)} file(s), e.g. "
+            f"{used[0].rsplit('/', 1)[-1]}): give a new --run-id, or none for a fresh one"
+        )
     if cfg.tick:
         try:
             done = [r for r in table.runs() if r.get("tick") == cfg.tick and r.get("status") == "complete"]
