@@ -124,7 +124,7 @@ class RunConfig:
     shard_max_mb: float = 512.0  # ... or this much embedding data (a layer file is ~ this / layers)
     lease_ttl_s: float = 120.0  # the table lease expires this long after the last renewal
     lease_wait_s: float = 0.0  # wait this long for another run's lease before giving up
-    run_id: str | None = None  # default: UTC time + random suffix
+    run_id: str | None = None  # [A-Za-z0-9._-], new to the table; default: UTC time + random (jobs: a prefix)
     mirror_deletions: bool = False  # inputs gone from the listing get a tombstone row: readers hide them
     max_delete_fraction: float = (
         0.5  # ... but refuse to tombstone more than this fraction of the table at once

@@ -426,11 +426,11 @@ def check_config_bounds(config: dict, where: str) -> None:
                 "fix the checkpoint's config.json"
             )
     if "conv_kernel" in config and "conv_stride" in config:
-        field = receptive_field(config)
-        if field > RECEPTIVE_FIELD_MAX:
+        samples = receptive_field(config)
+        if samples > RECEPTIVE_FIELD_MAX:
             raise ModelLoadError(
                 f"{where}: config.json conv_kernel={_short(config['conv_kernel'])} and conv_stride="
-                f"{_short(config['conv_stride'])} need {field} samples for one frame: at most "
+                f"{_short(config['conv_stride'])} need {samples} samples for one frame: at most "
                 f"{RECEPTIVE_FIELD_MAX} allowed (the released models need 400)"
             )
     params = _parameter_estimate(config)
