@@ -145,7 +145,6 @@ class RunConfig:
             raise bad(
                 "model", "give a registry name (see `mert-pipeline models`), a hub id, a folder or a URI"
             )
-        self.segment_config()  # validates window_s, hop_s, min_segment_s
         if self.granularity not in GRANULARITIES:
             raise bad("granularity", f"must be one of {', '.join(GRANULARITIES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -191,6 +190,8 @@ class RunConfig:
                 )
         if self.run_id is not None:
             check_run_id(self.run_id)
+        # last: the receptive-field minimum imports torch once per process, so the cheap checks answer first
+        self.segment_config()  # validates window_s, hop_s, min_segment_s
 
     def segment_config(self) -> SegmentConfig:
         return SegmentConfig(window_s=self.window_s, hop_s=self.hop_s, min_segment_s=self.min_segment_s)
