@@ -21,23 +21,30 @@ compact    Under the table's lease, drop from the files the rows that readers al
            input, tombstoned, or never committed), so that plain Parquet readers see only the newest rows too, and
            merge small shards (frequent small ticks write one small file per layer each) into files of ~64 MB.
 
-Exit codes are those of jobs.extract (0 committed, 1 could not commit, 2 usage, 75 lease held, 143 SIGTERM).
+Exit codes are those of jobs.extract and `mert-pipeline run` (pipeline.errors.ExitCode): 0 complete (or a tick
+already complete), 1 could not commit, 2 usage, 3 stopped by the error-rate limit (finished work committed), 75
+lease held, 143 SIGTERM.
+
+Run ids: a `run_id` in the YAML (or --run-id) is a prefix. A tick runs as `<run_id or "tick">-<tick>-<UTC
+time>-<random>` and a reprocess as `<run_id or "run">-<UTC time>-<random>`, so ticks, retried pods and retried
+RayJobs never reuse an id (a used id is refused: it would overwrite committed shards). A retry with the same
+arguments resumes: a tick already complete does nothing; otherwise only inputs without a committed `ok` row are
+processed, under the new id.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
-import secrets
 import sys
 import time
 from datetime import datetime, timezone
 
-from jobs.extract import EXIT_FAILED, EXIT_OK, EXIT_USAGE, execute, log_to_stderr
-from pipeline.cli import add_run_arguments, config_from_args
-from pipeline.errors import PipelineError
+from jobs.extract import execute, log_to_stderr
+from pipeline.cli import add_run_arguments, config_from_args, storage_options_arg
+from pipeline.config import job_run_id
+from pipeline.errors import ExitCode, PipelineError, exit_code
 from pipeline.table import resolve_table
 
 _PERIOD = re.compile(r"^(\d+)([smhdw])$")
@@ -107,7 +114,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
             cfg,
             output=resolve_table(cfg.output, cfg.out_options),  # a root of tables: its current table
             tick=tick_label(start, args.period),
-            run_id=cfg.run_id or f"tick-{start.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}",
+            run_id=job_run_id(cfg.run_id or "tick", start.strftime("%Y%m%dT%H%M%SZ")),
         )
         summary = run(cfg, log=log_to_stderr(not cfg.progress))
         if args.compact and summary.get("status") == "complete":
@@ -123,7 +130,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
             "error: reprocess writes to --tables-root/<model>@<revision>-<config>; do not give OUTPUT",
             file=sys.stderr,
         )
-        return EXIT_USAGE
+        return ExitCode.USAGE
     root = args.tables_root.rstrip("/")
 
     def go() -> dict:
@@ -131,7 +138,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
         args.output = root  # replaced by the table for this model, revision and configuration
         cfg = config_from_args(args)
-        cfg = dataclasses.replace(cfg, output=f"{root}/{table_name(cfg)}")
+        cfg = dataclasses.replace(cfg, output=f"{root}/{table_name(cfg)}", run_id=job_run_id(cfg.run_id))
         print(f"reprocessing into {cfg.output}", file=sys.stderr, flush=True)
         summary = run(cfg, log=log_to_stderr(not cfg.progress))
         if args.promote and summary.get("status") == "complete":
@@ -151,9 +158,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
         p = promote(args.root, args.table, _options(args), force=args.force)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return exit_code(exc)
     print(f"{args.root.rstrip('/')}/_current.json -> {p['table']} (was {p['previous']})")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _compact(table: str, options: dict | None, ttl_s: float, wait_s: float) -> dict:
@@ -179,7 +186,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict | None:
-    return json.loads(args.storage_options) if args.storage_options else None
+    return args.storage_options  # parsed (and checked, never echoed) by storage_options_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,11 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("root")
     pr.add_argument("table")
     pr.add_argument("--force", action="store_true", help="even when its newest run is not complete")
-    pr.add_argument("--storage-options", help="fsspec options as JSON")
+    pr.add_argument("--storage-options", type=storage_options_arg, help="fsspec options as JSON")
     pr.set_defaults(fn=cmd_promote)
     c = sub.add_parser("compact", help="drop hidden rows from the files (under the table's lease)")
     c.add_argument("table")
-    c.add_argument("--storage-options", help="fsspec options as JSON")
+    c.add_argument("--storage-options", type=storage_options_arg, help="fsspec options as JSON")
     c.add_argument("--lease-wait", type=float, default=0.0, help="wait this long for a running run's lease")
     c.add_argument("--lease-ttl", type=float, default=120.0)
     c.set_defaults(fn=cmd_compact)

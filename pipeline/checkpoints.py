@@ -26,16 +26,16 @@ from pipeline.models import (
     WEIGHT_NORM_NAMES,
     build_model,
 )
-from pipeline.registry import REGISTRY, ModelSpec
+from pipeline.registry import CONV_KERNEL, CONV_STRIDE, REGISTRY, ModelSpec
 
 HEAD_DIM = 64  # every released MERT / data2vec model: hidden_size / num_attention_heads
 FFN_RATIO = 4  # intermediate_size / hidden_size
 
 # The conv front end of every model in the family (wav2vec 2.0 style: 400-sample receptive field, stride 320).
 CONV = {
-    "conv_dim": [512] * 7,
-    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "conv_dim": [512] * len(CONV_KERNEL),
+    "conv_kernel": list(CONV_KERNEL),
+    "conv_stride": list(CONV_STRIDE),
 }
 
 # Small widths for tests: real strides and kernels, so frame counts are those of the real models.

@@ -1,4 +1,9 @@
-"""`mert-pipeline`: run, dry-run, read, inspect, vacuum, models, demo. A thin layer over the library."""
+"""`mert-pipeline`: run, dry-run, read, inspect, vacuum, models, demo. A thin layer over the library.
+
+Exit codes are pipeline.errors.ExitCode, shared with jobs.extract and jobs.scheduled: 0 complete, 1 could not
+commit, 2 usage (an invalid option, YAML or run id), 3 stopped by the error-rate limit (finished work committed),
+75 another run holds the table's lease, 143 SIGTERM/SIGINT at a commit boundary, 130 KeyboardInterrupt.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,18 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import RunConfig, load_yaml, make_config
-from pipeline.errors import PipelineError, RunInterrupted
+from pipeline.config import RunConfig, load_yaml, make_config, parse_storage_options
+from pipeline.errors import ExitCode, PipelineError, exit_code
+
+
+def storage_options_arg(text: str) -> dict:
+    """argparse type of the --storage-options flags: a JSON object. A malformed value is never echoed (argparse
+    would print "invalid loads value: '<the whole text>'", keys included): the message gives only the position."""
+    try:
+        return parse_storage_options(text, None)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 # (flag, RunConfig field, type, help). The run options are stated once: `mert-pipeline run` and jobs/extract.py
 # both build their parser from this table.
@@ -39,11 +54,11 @@ RUN_OPTIONS: list[tuple[str, str, object, str]] = [
     ("--num-actors", "num_actors", int, "CPU embed actors when there is no GPU (default 1)"),
     ("--cpus-per-actor", "cpus_per_actor", float, "cores per CPU actor (default: all but one)"),
     ("--decode-workers", "decode_workers", int, "concurrent decode tasks (default: as the cluster allows)"),
-    ("--storage-options", "storage_options", json.loads, "fsspec options for the input, as JSON"),
+    ("--storage-options", "storage_options", storage_options_arg, "fsspec options for the input, as JSON"),
     (
         "--output-storage-options",
         "output_storage_options",
-        json.loads,
+        storage_options_arg,
         "fsspec options for the output (JSON)",
     ),
     ("--model-cache", "model_cache", str, "where remote checkpoints are staged on each node"),
@@ -71,7 +86,12 @@ RUN_OPTIONS: list[tuple[str, str, object, str]] = [
     ("--shard-max-mb", "shard_max_mb", float, "commit after this much embedding data, MB (default 512)"),
     ("--lease-ttl", "lease_ttl_s", float, "the table lease expires this long after its last renewal (120)"),
     ("--lease-wait", "lease_wait_s", float, "wait this long for another run's lease (default 0: refuse)"),
-    ("--run-id", "run_id", str, "run id (default: UTC time + random suffix)"),
+    (
+        "--run-id",
+        "run_id",
+        str,
+        "run id, A-Z a-z 0-9 . _ - and new to the table (default: UTC time + random); jobs: a prefix",
+    ),
     (
         "--max-delete-fraction",
         "max_delete_fraction",
@@ -171,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_plan(result)
     else:
         print_summary(result)
-    return 0
+    return ExitCode.OK
 
 
 def print_plan(p: dict) -> None:
@@ -194,7 +214,7 @@ def print_plan(p: dict) -> None:
 def cmd_read(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
 
-    t = FeatureTable(args.table, json.loads(args.storage_options) if args.storage_options else None)
+    t = FeatureTable(args.table, args.storage_options)
     data = t.read_layer(args.layer)
     if args.out:
         import pyarrow.parquet as pq
@@ -213,7 +233,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
 
-    t = FeatureTable(args.table, json.loads(args.storage_options) if args.storage_options else None)
+    t = FeatureTable(args.table, args.storage_options)
     info = t.inspect()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -247,7 +267,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_vacuum(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
 
-    t = FeatureTable(args.table, json.loads(args.storage_options) if args.storage_options else None)
+    t = FeatureTable(args.table, args.storage_options)
     # under the table's lease: never beside a running run's commits
     out = t.compact(wait_s=args.lease_wait, merge=args.command == "compact")
     print(
@@ -322,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=text)
         s.add_argument("table")
-        s.add_argument("--storage-options", help="fsspec options as JSON")
+        s.add_argument("--storage-options", type=storage_options_arg, help="fsspec options as JSON")
         if name == "read":
             s.add_argument("--layer", type=int, required=True)
             s.add_argument("--out", help="write the rows to this Parquet file")
@@ -344,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: pipeline.errors.ExitCode (the same as jobs.extract's for the same outcome)."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
@@ -354,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         elif summary:
             print_summary(summary)
         print(f"mert-pipeline: error: {exc}", file=sys.stderr)
-        return 143 if isinstance(exc, RunInterrupted) else 2
-    except KeyboardInterrupt:
+        return exit_code(exc)
+    except KeyboardInterrupt as exc:
         print("mert-pipeline: interrupted", file=sys.stderr)
-        return 130
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,35 @@ An invalid value raises ValueError naming the field, the value and what is allow
 
 from __future__ import annotations
 
+import json
+import re
+import secrets
+import time
 from dataclasses import dataclass, fields
+from functools import cache
+
+RUN_ID_MAX = 128
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@cache
+def min_segment_seconds() -> tuple[float, str]:
+    """(seconds, explanation): the longest receptive field among the registry's models, in seconds.
+
+    A window or minimum segment shorter than this gives no frame for some natively built registry model
+    (`ModelSpec.receptive_field`: the conv front end's facts in the registry). A model with its own code is checked
+    against its own receptive field when the run meets the checkpoint (engine.model_facts).
+    """
+    from pipeline.registry import NATIVE, REGISTRY
+
+    longest = max(
+        (REGISTRY[name].receptive_field / REGISTRY[name].sample_rate, -i, name, REGISTRY[name].sample_rate)
+        for i, name in enumerate(NATIVE)
+    )
+    seconds, _, name, rate = longest
+    why = f"the longest receptive field of the registry's models ({name}: {round(seconds * rate)} samples at "
+    why += f"{rate} Hz)"
+    return seconds, why
 
 
 @dataclass(frozen=True)
@@ -17,6 +45,9 @@ class SegmentConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.window_s, (int, float)) and 0 < self.window_s <= 600):
             raise ValueError(f"window_s={self.window_s!r}: must be a number of seconds in (0, 600]")
+        least, why = min_segment_seconds()
+        if self.window_s < least:
+            raise ValueError(f"window_s={self.window_s!r}: must be at least {least:.4g} s, {why}")
         if self.hop_s is not None and not (isinstance(self.hop_s, (int, float)) and self.hop_s > 0):
             raise ValueError(
                 f"hop_s={self.hop_s!r}: must be a positive number of seconds (or unset = window_s)"
@@ -25,6 +56,8 @@ class SegmentConfig:
             raise ValueError(
                 f"min_segment_s={self.min_segment_s!r}: must be positive and at most window_s={self.window_s}"
             )
+        if self.min_segment_s < least:
+            raise ValueError(f"min_segment_s={self.min_segment_s!r}: must be at least {least:.4g} s, {why}")
 
     @property
     def hop(self) -> float:
@@ -91,7 +124,7 @@ class RunConfig:
     shard_max_mb: float = 512.0  # ... or this much embedding data (a layer file is ~ this / layers)
     lease_ttl_s: float = 120.0  # the table lease expires this long after the last renewal
     lease_wait_s: float = 0.0  # wait this long for another run's lease before giving up
-    run_id: str | None = None  # default: UTC time + random suffix
+    run_id: str | None = None  # [A-Za-z0-9._-], new to the table; default: UTC time + random (jobs: a prefix)
     mirror_deletions: bool = False  # inputs gone from the listing get a tombstone row: readers hide them
     max_delete_fraction: float = (
         0.5  # ... but refuse to tombstone more than this fraction of the table at once
@@ -116,7 +149,6 @@ class RunConfig:
             raise bad(
                 "model", "give a registry name (see `mert-pipeline models`), a hub id, a folder or a URI"
             )
-        self.segment_config()  # validates window_s, hop_s, min_segment_s
         if self.granularity not in GRANULARITIES:
             raise bad("granularity", f"must be one of {', '.join(GRANULARITIES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -156,8 +188,14 @@ class RunConfig:
             raise bad("lease_wait_s", "must be >= 0 seconds")
         for name in ("storage_options", "output_storage_options"):
             v = getattr(self, name)
-            if v is not None and not isinstance(v, dict):
-                raise bad(name, "must be a mapping of fsspec options")
+            if v is not None and not isinstance(v, dict):  # the value is never echoed: it may hold a secret
+                raise ValueError(
+                    f"{name}: must be a mapping of fsspec options (got a {type(v).__name__}, not shown)"
+                )
+        if self.run_id is not None:
+            check_run_id(self.run_id)
+        # last: the receptive-field minimum imports torch once per process, so the cheap checks answer first
+        self.segment_config()  # validates window_s, hop_s, min_segment_s
 
     def segment_config(self, default_window_s: float = 5.0) -> SegmentConfig:
         """The segment rule, with the model's default window when the run gives none."""
@@ -189,6 +227,62 @@ class RunConfig:
         return out
 
 
+def check_run_id(run_id: object, field: str = "run_id") -> str:
+    """A run id names files in the table (runs/<id>.json, <id>-<n>.parquet): letters, digits, '.', '_', '-'."""
+    if not (isinstance(run_id, str) and len(run_id) <= RUN_ID_MAX and _RUN_ID.fullmatch(run_id)):
+        raise ValueError(
+            f"{field}={run_id!r}: must be 1 to {RUN_ID_MAX} characters of A-Z a-z 0-9 . _ - starting with a "
+            "letter or digit: it names files in the table (no '/' or '..'; a leading '.' or '_' would hide them)"
+        )
+    return run_id
+
+
+def job_run_id(prefix: str | None, label: str | None = None) -> str:
+    """A fresh run id for a job: `<prefix>-[<label>-]<UTC time>-<random>`, so that a retried job or a second tick
+    never reuses an id (a YAML `run_id` is a prefix in jobs); default prefix "run"."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    suffix = "-".join(p for p in (label, stamp, secrets.token_hex(3)) if p)
+    head = check_run_id(prefix) if prefix is not None else "run"
+    room = RUN_ID_MAX - len(suffix) - 1
+    if len(head) > room:
+        raise ValueError(
+            f"run_id={prefix!r}: in a job the run id is a prefix to which -{suffix} is appended; give at most "
+            f"{room} characters"
+        )
+    return check_run_id(f"{head}-{suffix}")
+
+
+_JSON_TYPES = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def parse_storage_options(text: str, option: str | None = "--storage-options") -> dict:
+    """JSON text -> a dict of fsspec options. Errors name the option and the position, never the text (keys).
+
+    option: named at the start of the message (None: not named, for argparse, which names it itself).
+    """
+    head = f"{option}: " if option else ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{head}not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}, char {exc.pos}; the "
+            "value is not shown, it may hold credentials): give an object like '{\"anon\": true}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{head}must be a JSON object of fsspec options, like '{{\"anon\": true}}' "
+            f"(got a JSON {_JSON_TYPES.get(type(value), type(value).__name__)}, not shown)"
+        )
+    return value
+
+
 def _flatten_keys(d: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in d.items():
@@ -211,7 +305,11 @@ def load_yaml(path: str) -> dict:
             f"--config {path}: cannot read it ({exc.strerror or exc}); give the path of a YAML file"
         ) from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"--config {path}: not valid YAML ({exc})") from None
+        # Only the problem and its position: never a snippet of the text, which may hold storage_options secrets.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"--config {path}: not valid YAML ({problem}{where})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run config must be a YAML mapping of option: value")
     known = {f.name for f in fields(RunConfig)}

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.config import RunConfig, SegmentConfig
-from pipeline.errors import PipelineError, RunInterrupted, RunStopped
+from pipeline.errors import PipelineError, RunIdTaken, RunInterrupted, RunStopped
 from pipeline.inputs import InputItem, list_inputs, read_manifest
 from pipeline.progress import Progress
 from pipeline.registry import ModelSpec
@@ -57,12 +57,10 @@ class ModelFacts:
     provenance: dict
     numbers: dict  # what changes the numbers: hashed into the table's configuration hash
     config_hash: str
-    segments: (
-        SegmentConfig  # the run's window, hop and min segment (the model's default window if none given)
-    )
-    code_hash: str | None = (
-        None  # a checkpoint with its own code: the hash every node checks before importing
-    )
+    # the run's window, hop and min segment (the model's default window if none given)
+    segments: SegmentConfig
+    # a checkpoint with its own code: the code hash every node checks before importing it
+    code_hash: str | None = None
 
 
 def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
@@ -86,6 +84,17 @@ def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
             f"window {seg.window_s:g} s is longer than {spec.name}'s context of {spec.context_s:g} s: give "
             f"--window {spec.context_s:g} or less"
         )
+    from pipeline.models import receptive_field
+
+    # samples at spec.sample_rate; a model with its own code: one frame's worth (its front end is its own)
+    field = round(spec.sample_rate / spec.frame_rate) if loaded.remote else receptive_field(loaded.config)
+    for name, seconds in (("window_s", seg.window_s), ("min_segment_s", seg.min_segment_s)):
+        if round(seconds * spec.sample_rate) < field:  # a usage error (exit 2), like SegmentConfig's
+            raise ValueError(
+                f"{name}={seconds!r} is {round(seconds * spec.sample_rate)} samples at {spec.sample_rate} Hz, "
+                f"shorter than the receptive field of {spec.name}: {field} samples "
+                f"({field / spec.sample_rate:.4g} s); give at least that"
+            )
     numbers = {
         "model_content_hash": loaded.content_hash,
         "window_s": seg.window_s,
@@ -765,6 +774,17 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
     table.check_writable()
     # The lease first, then the ledger: a run that waited for another one's lease sees what that run committed.
     table.acquire_lease(run_id, cfg.lease_ttl_s, cfg.lease_wait_s)
+    try:
+        used = table.run_files(run_id)
+    except BaseException:
+        table.release_lease()
+        raise
+    if used:  # a run never overwrites another run's shards or record
+        table.release_lease()
+        raise RunIdTaken(
+            f"run id {run_id!r} is already used in {cfg.output} ({len(used)} file(s), e.g. "
+            f"{used[0].rsplit('/', 1)[-1]}): give a new --run-id, or none for a fresh one"
+        )
     if cfg.tick:
         try:
             done = [r for r in table.runs() if r.get("tick") == cfg.tick and r.get("status") == "complete"]

@@ -2,9 +2,13 @@
 
 Every fault names the input and the cause, and says whether a rerun may succeed by itself (`transient`: storage
 timeouts, throttling) or not (`permanent`: the content cannot be decoded). Messages never carry credentials.
+
+Also here: `ExitCode` and `exit_code(exc)`, the one table of exit codes every entrypoint uses.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
 
 
 class PipelineError(Exception):
@@ -116,3 +120,39 @@ class RunStopped(RunEnded):
 
 class RunInterrupted(RunEnded):
     """SIGTERM or SIGINT ended the run at a commit boundary: the finished work is committed, a rerun resumes."""
+
+
+class RunIdTaken(PipelineError):
+    """The run id already names a run or a shard in the table: a run never overwrites another run's files."""
+
+
+# ---- exit codes: one meaning per outcome, for `mert-pipeline run`, jobs.extract and jobs.scheduled ------------
+class ExitCode(IntEnum):
+    """What a finished entrypoint tells its caller (a shell, `ray job submit`, a RayJob, a CronJob)."""
+
+    OK = 0  # the run committed and is complete (or a tick was already complete: nothing to do)
+    FAILED = 1  # it could not commit: a systemic failure (model, credentials, bucket) or a crash
+    USAGE = 2  # an invalid option, YAML or run id: fix the command line
+    STOPPED = 3  # the error-rate limit (or failing first inputs) stopped it; what finished is committed
+    BUSY = 75  # another run holds the table's lease (EX_TEMPFAIL): try again later, or give --lease-wait
+    KEYBOARD = 130  # KeyboardInterrupt outside a run's commit loop
+    INTERRUPTED = 143  # SIGTERM (or SIGINT) stopped the run at a commit boundary; rerun to resume
+
+
+def exit_code(exc: BaseException | None) -> ExitCode:
+    """The exit code for an outcome: None (success) or the exception an entrypoint caught."""
+    if exc is None:
+        return ExitCode.OK
+    if isinstance(exc, RunInterrupted):
+        return ExitCode.INTERRUPTED
+    if isinstance(exc, RunStopped):
+        return ExitCode.STOPPED
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.KEYBOARD
+    if isinstance(exc, (ValueError, RunIdTaken)):
+        return ExitCode.USAGE
+    if isinstance(exc, PipelineError):
+        from pipeline.table import LeaseHeld  # the table imports this module
+
+        return ExitCode.BUSY if isinstance(exc, LeaseHeld) else ExitCode.FAILED
+    return ExitCode.FAILED

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from pipeline.errors import ModelLoadError, redact
-from pipeline.registry import MODEL_TYPES, REGISTRY, ModelSpec, by_hub_id, spec_from_config
+from pipeline.registry import (
+    MODEL_TYPES,
+    REGISTRY,
+    ModelSpec,
+    by_hub_id,
+    conv_receptive_field,
+    spec_from_config,
+)
 from pipeline.remote_code import (
     CODE_SUFFIX,
     MODEL_CARD,
@@ -134,10 +141,7 @@ def num_frames(num_samples: int, config: dict) -> int:
 
 def receptive_field(config: dict) -> int:
     """The fewest samples that give one frame (the conv front end's receptive field)."""
-    n = 1
-    for k, s in reversed(list(zip(config["conv_kernel"], config["conv_stride"], strict=True))):
-        n = (n - 1) * s + k
-    return n
+    return conv_receptive_field(config["conv_kernel"], config["conv_stride"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,8 +378,123 @@ def _local_configs(local_dir: str) -> tuple[dict, dict | None]:
     return _read_json(cfg_path), (_read_json(pre_path) if os.path.isfile(pre_path) else None)
 
 
+# Bounds on the sizes in a config.json, checked before anything is built: generous over the released models
+# (MERT-v1-330M: hidden 1024, 24 layers, 16 heads, FFN 4096; every model: 7 convs of 512 channels, kernels <= 10,
+# strides <= 5, a 400-sample receptive field), so that a hostile or mistyped config fails in milliseconds with a
+# clear message instead of allocating gigabytes first. Whole numbers (not bools), inclusive.
+CONFIG_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 4096),
+    "num_hidden_layers": (1, 64),
+    "num_attention_heads": (1, 128),
+    "intermediate_size": (1, 16384),
+    "num_conv_pos_embeddings": (1, 1024),  # HuBERT: the positional conv's kernel; data2vec: stacked pos convs
+    "num_conv_pos_embedding_groups": (1, 4096),
+    "conv_pos_kernel_size": (1, 1024),  # data2vec's positional convs
+    "output_hidden_size": (1, 4096),
+    "num_adapter_layers": (0, 16),
+    "adapter_kernel_size": (1, 1024),
+    "adapter_stride": (1, 1024),
+    "sample_rate": (1000, 192000),
+}
+CONFIG_LIST_BOUNDS: dict[str, tuple[int, int]] = {  # per element; 1..CONV_LAYERS_MAX elements, equal lengths
+    "conv_dim": (1, 4096),
+    "conv_kernel": (1, 1024),
+    "conv_stride": (1, 1024),
+}
+CONV_LAYERS_MAX = 16
+RECEPTIVE_FIELD_MAX = 48000  # samples for one frame (the real models: 400); 1 s at 48 kHz, 2 s at 24 kHz
+PARAMETERS_MAX = 3_000_000_000  # the sizes together (the largest released model: 330M; MERT-v2: 632M)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_config_bounds(config: dict, where: str) -> None:
+    """Refuse sizes that no real checkpoint has (a ModelLoadError naming the checkpoint, the field, its value and
+    the allowed range), before the model is built. Fields absent from config.json take transformers' defaults."""
+
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for field, (lo, hi) in CONFIG_INT_BOUNDS.items():
+        if field in config:
+            v = config[field]
+            if not (whole(v) and lo <= v <= hi):
+                raise ModelLoadError(
+                    f"{where}: config.json {field}={_short(v)} is out of range: must be a whole number in "
+                    f"[{lo}, {hi}]; fix the checkpoint's config.json"
+                )
+    lengths = {}
+    for field, (lo, hi) in CONFIG_LIST_BOUNDS.items():
+        if field in config:
+            v = config[field]
+            if not (isinstance(v, list) and 1 <= len(v) <= CONV_LAYERS_MAX):
+                raise ModelLoadError(
+                    f"{where}: config.json {field}={_short(v)}: must be a list of 1 to {CONV_LAYERS_MAX} whole "
+                    f"numbers, one per conv layer"
+                )
+            bad = [x for x in v if not (whole(x) and lo <= x <= hi)]
+            if bad:
+                raise ModelLoadError(
+                    f"{where}: config.json {field}={_short(v)} is out of range: each entry must be a whole number "
+                    f"in [{lo}, {hi}] (got {_short(bad[0])})"
+                )
+            lengths[field] = len(v)
+    if len(set(lengths.values())) > 1:
+        raise ModelLoadError(
+            f"{where}: config.json conv_dim, conv_kernel and conv_stride must have one entry per conv layer; "
+            f"lengths are {lengths}"
+        )
+    hidden = config.get("hidden_size")
+    for field in ("num_attention_heads", "num_conv_pos_embedding_groups"):
+        if hidden is not None and field in config and hidden % config[field]:
+            raise ModelLoadError(
+                f"{where}: config.json {field}={config[field]} does not divide hidden_size={hidden}: "
+                "fix the checkpoint's config.json"
+            )
+    if "conv_kernel" in config and "conv_stride" in config:
+        samples = receptive_field(config)
+        if samples > RECEPTIVE_FIELD_MAX:
+            raise ModelLoadError(
+                f"{where}: config.json conv_kernel={_short(config['conv_kernel'])} and conv_stride="
+                f"{_short(config['conv_stride'])} need {samples} samples for one frame: at most "
+                f"{RECEPTIVE_FIELD_MAX} allowed (the released models need 400)"
+            )
+    params = _parameter_estimate(config)
+    if params > PARAMETERS_MAX:
+        raise ModelLoadError(
+            f"{where}: config.json sizes (hidden_size, num_hidden_layers, intermediate_size, conv_dim, "
+            f"conv_kernel, positional conv) describe about {params:.3g} parameters: at most {PARAMETERS_MAX:.3g} "
+            "allowed (MERT-v1-330M has 3.3e8); fix the checkpoint's config.json"
+        )
+
+
+def _parameter_estimate(config: dict) -> float:
+    """About how many weights a (bounds-checked) config describes; transformers' defaults where absent."""
+    h = config.get("hidden_size", 768)
+    layers = config.get("num_hidden_layers", 12)
+    ffn = config.get("intermediate_size", 4 * h)
+    dims = config.get("conv_dim", [512] * 7)
+    kernels = config.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2])
+    conv = sum(c_in * c_out * k for c_in, c_out, k in zip([1, *dims[:-1]], dims, kernels, strict=False))
+    groups = config.get("num_conv_pos_embedding_groups", 16)
+    if "conv_pos_kernel_size" in config or config.get("model_type") == "data2vec-audio":
+        pos = (
+            config.get("num_conv_pos_embeddings", 5)
+            * h
+            * (h // groups)
+            * config.get("conv_pos_kernel_size", 19)
+        )
+    else:
+        pos = h * (h // groups) * config.get("num_conv_pos_embeddings", 128)
+    return float(layers * (4 * h * h + 2 * h * ffn) + conv + pos + dims[-1] * h)
+
+
 def _check_config(config: dict, where: str) -> str:
-    """The architecture family of a config.json; refuses unknown types and switches transformers cannot build."""
+    """The architecture family of a config.json; refuses unknown types, switches transformers cannot build and
+    sizes out of bounds (check_config_bounds), all before anything is built."""
     model_type = config.get("model_type")
     family = MODEL_TYPES.get(model_type)
     if family is None:
@@ -389,6 +508,7 @@ def _check_config(config: dict, where: str) -> str:
                 f"{where}: config.json sets {switch}=true ({what}); no released MERT checkpoint uses it and it "
                 "cannot be built without the authors' remote code, which this pipeline never runs"
             )
+    check_config_bounds(config, where)
     return family
 
 

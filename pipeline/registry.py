@@ -9,6 +9,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# The conv front end of every natively built model (wav2vec 2.0 style): a 400-sample receptive field, stride 320.
+CONV_KERNEL: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+CONV_STRIDE: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+
+
+def conv_receptive_field(kernels: tuple[int, ...] | list[int], strides: tuple[int, ...] | list[int]) -> int:
+    """The fewest samples that give one frame through a stack of convolutions."""
+    n = 1
+    for k, s in reversed(list(zip(kernels, strides, strict=True))):
+        n = (n - 1) * s + k
+    return n
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -40,6 +52,14 @@ class ModelSpec:
         """Valid hidden-state indices into the stored states: v0/v1 0 is the transformer input and i the output
         of layer i; v2 (input_state False) i is the output of block i + 1."""
         return tuple(range(self.num_hidden_states))
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples (at sample_rate) that give one frame: the native conv front end's, or for a model with its own
+        code one frame period (its front end is its own)."""
+        if self.remote_code:
+            return round(self.sample_rate / self.frame_rate)
+        return conv_receptive_field(CONV_KERNEL, CONV_STRIDE)
 
     @property
     def layer_numbering(self) -> str:

@@ -616,6 +616,19 @@ class FeatureTable:
             "recordings_moved": moved,
         }
 
+    def run_files(self, run_id: str) -> list[str]:
+        """Every file of run `run_id` in the table: its run record and its shards' ledger and data files, committed
+        or not (read-only; a run id already used here must not be used again: it would overwrite them)."""
+        self._invalidate()
+        out = [p for p in (self._p("runs", f"{run_id}.json"),) if self.fs.exists(p)]
+        folders = [self._p("recordings")] + [self.layer_dir(layer) for layer in self.layers()]
+        for folder in folders:
+            for f in self._ls(folder, ".parquet"):
+                parsed = split_shard_name(f.rsplit("/", 1)[-1][: -len(".parquet")])
+                if parsed is not None and parsed[0] == run_id:
+                    out.append(f)
+        return out
+
     def last_run(self) -> dict | None:
         runs = self.runs()
         return runs[-1] if runs else None

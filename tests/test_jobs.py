@@ -117,7 +117,7 @@ def test_extract_takes_the_run_options_and_maps_outcomes_to_exit_codes(model_dir
     (tmp_path / "broken.yaml").write_text("input: [unclosed\n")
     assert extract.main(["--config", str(tmp_path / "broken.yaml")]) == extract.EXIT_USAGE
     assert "not valid YAML" in capsys.readouterr().err
-    # the error-rate limit stops a run after committing what finished: that is a committed run, exit 0
+    # the error-rate limit stops a run after committing what finished: exit 3, which a scheduler notices
     (audio / "junk1.mp3").write_bytes(b"\x00" * 3000)
     (audio / "junk2.mp3").write_bytes(b"\x01" * 3000)
     rc = extract.main(
@@ -133,7 +133,50 @@ def test_extract_takes_the_run_options_and_maps_outcomes_to_exit_codes(model_dir
         ]
     )
     s = json.loads(capsys.readouterr().out)
-    assert rc == extract.EXIT_OK and s["status"] == "stopped" and "error rate" in s["stop_reason"]
+    assert rc == extract.EXIT_STOPPED == 3 and s["status"] == "stopped" and "error rate" in s["stop_reason"]
+
+
+def test_a_stopped_run_has_the_same_exit_code_from_the_cli_and_the_job(model_dir, tmp_path, capsys):
+    from pipeline.cli import main as cli_main
+
+    audio = tmp_path / "audio"
+    add_files(audio, {"a.wav": 2.0})
+    (audio / "junk1.mp3").write_bytes(b"\x00" * 3000)
+    (audio / "junk2.mp3").write_bytes(b"\x01" * 3000)
+    argv = [str(audio), "--model", str(model_dir), "--quiet", "--max-error-rate", "0.5"]
+    argv += ["--error-rate-min-inputs", "1", "--decode-workers", "1"]
+    codes = {}
+    for name, fn, head in (("cli", cli_main, ["run"]), ("job", extract.main, [])):
+        out = tmp_path / f"table-{name}"
+        codes[name] = fn([*head, argv[0], str(out), *argv[1:]])
+        err = capsys.readouterr().err
+        assert json.loads(next((out / "runs").iterdir()).read_text())["status"] == "stopped"
+        assert codes[name] == 3, (name, codes[name], err[-2000:])  # not 0 (a scheduler must notice), not 2
+        assert "error rate" in err, err[-2000:]
+    assert codes == {"cli": 3, "job": 3}
+
+
+def test_a_yaml_run_id_is_a_prefix_so_retries_and_ticks_never_reuse_it(model_dir, tmp_path, capsys):
+    audio, out = tmp_path / "audio", tmp_path / "table"
+    add_files(audio, {"a.wav": 2.0, "b.flac": 3.0})
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"input: {audio}\noutput: {out}\nmodel: {model_dir}\nrun_id: nightly\n")
+    ids = []
+    for when in ("2026-11-25T06:00:00Z", "2026-11-25T07:00:00Z"):
+        rc = scheduled.main(["tick", "--config", str(yaml_file), *common(model_dir), "--tick", when])
+        s = json.loads(capsys.readouterr().out)
+        assert rc == 0 and s["status"] == "complete", s
+        ids.append(s["run_id"])
+    assert ids[0] != ids[1]
+    assert ids[0].startswith("nightly-20261125T060000Z-") and ids[1].startswith("nightly-20261125T070000Z-")
+    # a retried job with the same arguments resumes under a new id: what is committed is skipped, not rewritten
+    before = {p: p.read_bytes() for p in out.rglob("*.parquet")}
+    rc = extract.main(["--config", str(yaml_file), *common(model_dir)])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 0 and s["run_id"].startswith("nightly-") and s["run_id"] not in ids
+    assert s["counts"]["skipped"] == 2 and s["counts"]["processed"] == 0
+    assert {p: p.read_bytes() for p in out.rglob("*.parquet")} == before
+    assert sorted(p.stem for p in (out / "runs").iterdir()) == sorted([*ids, s["run_id"]])
 
 
 # ---- ticks -----------------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from pipeline.embed import Embedder
 from pipeline.errors import ModelLoadError
 from pipeline.models import (
     build_model,
+    check_config_bounds,
     content_hash,
     load_model,
     read_model_config,
@@ -472,3 +475,65 @@ def test_concurrent_processes_stage_one_copy(tmp_path, tiny, s3_options, s3_buck
     ]
     assert [p.name for p in cache.iterdir() if ".tmp-" in p.name] == []  # no half-written copies left
     assert (staged / "pytorch_model.bin").read_bytes() == (tiny / "pytorch_model.bin").read_bytes()
+
+
+# ---- config bounds: a hostile config.json fails before anything is built --------------------------------------
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"hidden_size": 10**6}, "hidden_size=1000000 is out of range: must be a whole number in [1, 4096]"),
+        (
+            {"num_hidden_layers": 10**4},
+            "num_hidden_layers=10000 is out of range: must be a whole number in [1, 64]",
+        ),
+        ({"conv_dim": [10**5] * 7}, "conv_dim=[100000, "),
+        ({"conv_dim": [10**5] * 7}, "each entry must be a whole number in [1, 4096] (got 100000)"),
+        ({"conv_kernel": [10**7, 3, 3, 3, 3, 2, 2]}, "each entry must be a whole number in [1, 1024]"),
+        ({"conv_kernel": [1000] * 7}, "need 315685 samples for one frame: at most 48000 allowed"),
+        ({"hidden_size": 0}, "hidden_size=0 is out of range: must be a whole number in [1, 4096]"),
+        (
+            {"num_attention_heads": -2},
+            "num_attention_heads=-2 is out of range: must be a whole number in [1, 128]",
+        ),
+        ({"hidden_size": "32"}, "hidden_size='32' is out of range: must be a whole number"),
+        ({"num_hidden_layers": True}, "num_hidden_layers=True is out of range: must be a whole number"),
+        ({"conv_dim": "512"}, "conv_dim='512': must be a list of 1 to 16 whole numbers"),
+        ({"conv_stride": [5, 2, 2]}, "must have one entry per conv layer"),
+        ({"num_attention_heads": 3}, "num_attention_heads=3 does not divide hidden_size=32"),
+        ({"num_conv_pos_embeddings": 10**5}, "num_conv_pos_embeddings=100000 is out of range"),
+        (
+            {
+                "hidden_size": 4096,
+                "num_attention_heads": 64,
+                "num_hidden_layers": 64,
+                "intermediate_size": 16384,
+            },
+            "parameters: at most 3e+09 allowed",
+        ),
+    ],
+)
+def test_hostile_config_is_refused_in_milliseconds(tmp_path, tiny, changes, expected):
+    d = _bad(tmp_path, tiny, "hostile")
+    _edit_config(d, **changes)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError) as got:
+        load_model(str(d))
+    took = time.perf_counter() - t0
+    message = str(got.value)
+    assert str(d) in message and next(iter(changes)) in message and expected in message, message
+    assert took < 0.5, f"refusing a hostile config took {took:.2f} s"
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):  # the driver-side check refuses it too
+        read_model_config(str(d))
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_real_configs_are_within_the_bounds(name):
+    for size in ("full", "tiny"):
+        check_config_bounds(checkpoint_config(name, size), f"{name} ({size})")  # raises if out of bounds
+
+
+def test_published_config_is_within_the_bounds():
+    reference = Path(__file__).parents[1].parent / "shared" / "reference" / "MERT-v1-95M.config.json"
+    if not reference.exists():
+        pytest.skip(f"{reference} is not in this checkout")
+    check_config_bounds(json.loads(reference.read_text()), str(reference))
