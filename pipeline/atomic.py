@@ -18,8 +18,9 @@ How each backend does it:
   under the final name, `list_names` skips it, and clean-up may delete such files once they are old.
   The folder's filesystem must support hard links (local disks do; some network and FUSE mounts do not: the
   error says so).
-- S3 (s3fs): one `PutObject` with `If-None-Match: *` for `write_once` (s3fs's `pipe_file(mode="create")`,
-  the same request `open(mode="xb")` sends; 412 PreconditionFailed -> `AlreadyExists`; AWS may answer 409
+- S3 (s3fs): one `PutObject` with `If-None-Match: *` for `write_once` (s3fs's `pipe_file(mode="create")`;
+  412 PreconditionFailed -> `AlreadyExists`. Not `open(mode="xb")`: in s3fs 2026.9, when nothing was written
+  its commit falls back to an unconditional `touch` and empties an existing object. AWS may answer 409
   ConditionalRequestConflict to racing creates, which is retried); objects of 100 MiB or more go as a multipart
   upload that is completed, with the same header, only after every part is in, and aborted on error.
 - GCS (gcsfs): one upload with `ifGenerationMatch=0` (gcsfs's `pipe_file(mode="create")`; 412 ->

@@ -100,6 +100,18 @@ def test_second_create_is_refused(store: Store):
     assert read_bytes(uri, store.options) == b'{"version": 0}'
 
 
+def test_empty_create_is_atomic_too(store: Store):
+    """s3fs 2026.9's `open(path, "xb")` with nothing written overwrites an existing object with an empty one
+    (its commit falls back to `touch`, without If-None-Match); write_once refuses on every backend."""
+    uri = store.uri("lease.json")
+    write_once(uri, b"", store.options)
+    assert read_bytes(uri, store.options) == b""
+    write_whole(uri, b"holder A", store.options)
+    with pytest.raises(AlreadyExists):
+        write_once(uri, b"", store.options)
+    assert read_bytes(uri, store.options) == b"holder A"
+
+
 def test_racing_creates_have_exactly_one_winner(store: Store):
     uri = store.uri("00000000000000000001.json")
     n = 20
@@ -199,7 +211,7 @@ def test_s3_missing_bucket_is_a_clear_error_without_the_secret(s3_options):
     with pytest.raises(PipelineError) as caught:
         write_once(uri, b"{}", s3_options)
     message = str(caught.value)
-    assert uri in message and "does not exist" in message
+    assert uri in message and "does not exist" in message and "create it" in message
     assert S3_SECRET not in message
 
 
