@@ -77,7 +77,7 @@ def write_once(uri: str, data: bytes, storage_options: Mapping[str, Any] | None 
     Parent folders are created on local disk (object stores have none).
     """
     data = _as_bytes(uri, data)
-    fs, path = get_fs(uri, dict(storage_options or {}))
+    fs, path = _filesystem(uri, storage_options, "create")
     if isinstance(fs, LocalFileSystem):
         _local_write(uri, path, data, replace=False)
         return
@@ -104,7 +104,7 @@ def write_whole(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
     bytes (or a multipart/block upload completed only once every part is in, aborted on error).
     """
     data = _as_bytes(uri, data)
-    fs, path = get_fs(uri, dict(storage_options or {}))
+    fs, path = _filesystem(uri, storage_options, "write")
     if isinstance(fs, LocalFileSystem):
         _local_write(uri, path, data, replace=True)
         return
@@ -135,7 +135,7 @@ def writing(
 
 def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes | None:
     """The whole object at `uri`, or None if there is none."""
-    fs, path = get_fs(uri, dict(storage_options or {}))
+    fs, path = _filesystem(uri, storage_options, "read")
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
@@ -154,7 +154,7 @@ def list_names(prefix: str, storage_options: Mapping[str, Any] | None = None) ->
     Names starting with "." (the local temporaries of writes in flight or of crashed writers) are left out.
     Listing caches are dropped first, so a name written by another process since the last call is seen.
     """
-    fs, path = get_fs(prefix, dict(storage_options or {}))
+    fs, path = _filesystem(prefix, storage_options, "list")
     path = path.rstrip("/")
     try:
         if isinstance(fs, LocalFileSystem):
@@ -173,6 +173,20 @@ def list_names(prefix: str, storage_options: Mapping[str, Any] | None = None) ->
             f"cannot list {prefix}: {_redact(str(exc) or type(exc).__name__, storage_options)}"
         ) from exc
     return sorted(n for n in names if not n.startswith("."))
+
+
+def _filesystem(uri: str, storage_options: Mapping[str, Any] | None, action: str) -> tuple[Any, str]:
+    """(filesystem, path) for `uri`; a filesystem that cannot be built is a PipelineError naming the URI."""
+    try:
+        return get_fs(uri, dict(storage_options or {}))
+    except ImportError:
+        raise  # already names the missing extra
+    except Exception as exc:
+        detail = _redact(str(exc) or type(exc).__name__, storage_options)
+        raise PipelineError(
+            f"cannot {action} {uri}: its filesystem cannot be opened with these storage options ({detail}); "
+            "check them (endpoint, credentials, connection string)"
+        ) from exc
 
 
 def _as_bytes(uri: str, data: object) -> bytes:

@@ -215,6 +215,16 @@ def test_s3_missing_bucket_is_a_clear_error_without_the_secret(s3_options):
     assert S3_SECRET not in message
 
 
+def test_malformed_storage_options_are_a_clear_error_without_the_secret():
+    secret = "not-a-real-key-but-secret-0123456789"
+    uri = "az://container/log/00000000000000000000.json"
+    with pytest.raises(PipelineError) as caught:
+        write_once(uri, b"{}", {"connection_string": f"malformed;AccountKey={secret}"})
+    message = str(caught.value)
+    assert uri in message and "storage options" in message
+    assert secret not in message
+
+
 # A child that runs write_once and is SIGKILLed at a chosen point of it (the kernel's real crash, not a mock):
 # "before-link" kills it at the fsync of its temporary file, which holds the whole payload while the final
 # name is not yet linked; "after-link" at the folder's fsync, once the name is linked; "anywhere" is killed by
