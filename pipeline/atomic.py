@@ -21,10 +21,14 @@ How each backend does it:
 - S3 (s3fs): one `PutObject` with `If-None-Match: *` for `write_once` (s3fs's `pipe_file(mode="create")`;
   412 PreconditionFailed -> `AlreadyExists`. Not `open(mode="xb")`: in s3fs 2026.9, when nothing was written
   its commit falls back to an unconditional `touch` and empties an existing object. AWS may answer 409
-  ConditionalRequestConflict to racing creates, which is retried); objects of 100 MiB or more go as a multipart
-  upload that is completed, with the same header, only after every part is in, and aborted on error.
-- GCS (gcsfs): one upload with `ifGenerationMatch=0` (gcsfs's `pipe_file(mode="create")`; 412 ->
-  `AlreadyExists`); 50 MiB or more as a resumable upload, whose object appears only with its last chunk.
+  ConditionalRequestConflict to racing creates, which is retried). Objects up to 5 GiB, S3's limit for one
+  PUT, go in that one request; larger ones as a multipart upload completed, with the same header, only after
+  every part is in, and aborted on error.
+- GCS (gcsfs): one upload request with `ifGenerationMatch=0` (gcsfs's `pipe_file(mode="create")`; 412 ->
+  `AlreadyExists`), up to 5 GiB: gcsfs would switch to a resumable upload at 50 MiB, and fake-gcs-server does
+  not enforce the precondition given when a resumable upload starts (a second 60 MiB create overwrote the
+  first), so the one-request path is what the tests prove. Larger objects still go resumable (the object
+  appears only with the last chunk; real GCS applies the precondition when it completes: untested here).
 - Azure (adlfs): `upload_blob(overwrite=False)`, which sends `If-None-Match: *` (ResourceExistsError ->
   `AlreadyExists`); large blobs are staged as blocks and appear only when the block list is committed.
 
@@ -56,6 +60,8 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.errors import PipelineError
 from pipeline.storage import get_fs
 
+# S3's limit for one PUT; below it, S3 and GCS writes go in one request (see the module docstring).
+_ONE_REQUEST_MAX = 5 * 2**30
 # Racing conditional creates on AWS S3 may get 409 ConditionalRequestConflict: retry this many times.
 _CONFLICT_RETRIES = 5
 
@@ -83,7 +89,7 @@ def write_once(uri: str, data: bytes, storage_options: Mapping[str, Any] | None 
         return
     for attempt in range(_CONFLICT_RETRIES + 1):
         try:
-            fs.pipe_file(path, data, mode="create")
+            fs.pipe_file(path, data, mode="create", **_one_request(fs, data))
             return
         except FileExistsError as exc:
             raise AlreadyExists(uri) from exc
@@ -109,7 +115,7 @@ def write_whole(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
         _local_write(uri, path, data, replace=True)
         return
     try:
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, data, **_one_request(fs, data))
     except Exception as exc:
         raise _write_error(uri, exc, storage_options) from exc
 
@@ -187,6 +193,14 @@ def _filesystem(uri: str, storage_options: Mapping[str, Any] | None, action: str
             f"cannot {action} {uri}: its filesystem cannot be opened with these storage options ({detail}); "
             "check them (endpoint, credentials, connection string)"
         ) from exc
+
+
+def _one_request(fs: Any, data: bytes) -> dict[str, int]:
+    """pipe_file's `chunksize` that keeps an S3 or GCS write of `data` in one request (up to 5 GiB)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"s3", "s3a", "gs", "gcs"} and len(data) < _ONE_REQUEST_MAX:
+        return {"chunksize": _ONE_REQUEST_MAX}
+    return {}
 
 
 def _as_bytes(uri: str, data: object) -> bytes:

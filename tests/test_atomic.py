@@ -112,6 +112,17 @@ def test_empty_create_is_atomic_too(store: Store):
     assert read_bytes(uri, store.options) == b"holder A"
 
 
+def test_large_create_is_refused_too(store: Store):
+    """60 MiB: past gcsfs's 50 MiB switch to a resumable upload, whose ifGenerationMatch fake-gcs-server
+    ignores; write_once keeps it in one request, so the second create is refused on every backend."""
+    uri = store.uri("features.parquet")
+    size = 60 * 2**20
+    write_once(uri, b"a" * size, store.options)
+    with pytest.raises(AlreadyExists):
+        write_once(uri, b"b" * size, store.options)
+    assert read_bytes(uri, store.options) == b"a" * size
+
+
 def test_racing_creates_have_exactly_one_winner(store: Store):
     uri = store.uri("00000000000000000001.json")
     n = 20
