@@ -244,6 +244,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  model: {prov.get('model')} hub={prov.get('hub_id')} revision={prov.get('revision')} "
         f"content={prov.get('model_content_hash', '')[:16]}"
     )
+    code = f", its own code {prov['model_code_hash'][:16]}" if prov.get("model_code_hash") else ""
+    print(
+        f"  licence: {prov.get('licence') or 'not recorded (see the model card)'}{code}; layers numbered "
+        f"{prov.get('layer_numbering') or '0 = transformer input, i = layer i'}"
+    )
     print(
         f"  window {cfg['window_s']} s, hop {cfg['hop_s']} s, min segment {cfg['min_segment_s']} s, "
         f"granularity {cfg['granularity']}, normalize {cfg['normalize']}, compute {cfg['compute_dtype']}, "
@@ -285,12 +290,18 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from pipeline.registry import REGISTRY
 
-    print(f"{'name':16} {'hub id':24} {'rate':>6} {'frames/s':>8} {'states':>6} {'dim':>5}  architecture")
+    print(
+        f"{'name':16} {'hub id':24} {'rate':>6} {'frames/s':>8} {'states':>6} {'dim':>5}  {'window':>6}  "
+        "architecture; layer numbering; licence"
+    )
     for s in REGISTRY.values():
-        arch = f"{s.family}, {'pre-LN' if s.pre_ln else 'post-LN'}"
+        if s.remote_code:
+            arch = "its own code (--trust-remote-code, pinned)" + (", gated" if s.gated else "")
+        else:
+            arch = f"{s.family}, {'pre-LN' if s.pre_ln else 'post-LN'}"
         print(
             f"{s.name:16} {s.hub_id:24} {s.sample_rate:>6} {s.frame_rate:>8g} {s.num_hidden_states:>6} "
-            f"{s.dim:>5}  {arch}"
+            f"{s.dim:>5}  {s.default_window_s:>5g}s  {arch}; {s.layer_numbering}; {s.licence or 'see the card'}"
         )
     return 0
 

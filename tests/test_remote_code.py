@@ -216,6 +216,9 @@ def test_features_through_the_cli_equal_a_direct_call_of_its_code(v2_dir, tmp_pa
     assert meta["mert.layer_numbering"].startswith("0 = block 1")
     info = FeatureTable(str(out)).inspect()
     assert info["provenance"]["licence"] == "cc-by-nc-4.0"
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "licence: cc-by-nc-4.0, its own code" in shown and "0 = block 1" in shown
     everything = printed.out + printed.err + json.dumps(meta)
     for p in out.rglob("*"):
         if p.is_file():
