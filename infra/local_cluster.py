@@ -67,7 +67,7 @@ def wait_jobs(dashboard: str, timeout: float) -> None:
             while not client.get_job_status(job).is_terminal():
                 time.sleep(0.2)
             return
-        except Exception as exc:  # noqa: BLE001 - not ready yet
+        except Exception as exc:  # not ready yet
             if time.monotonic() > deadline:
                 raise SystemExit(
                     f"the job server at {dashboard} accepted no job within {timeout:.0f} s: {exc}"
@@ -169,7 +169,7 @@ def our_processes(state: Path) -> list:
 def _describe(p) -> str:
     try:
         cmd = " ".join(p.cmdline())[:110] or p.name()
-    except Exception:  # noqa: BLE001 - it may be gone already
+    except Exception:  # it may be gone already
         cmd = "?"
     return f"{p.pid:>7}  {cmd}"
 

@@ -312,7 +312,7 @@ def _tail_check(f: Any, size: int, container: str) -> str | None:
             return _walk_asf(f, size)
         if container == "ogg":
             return _ogg_tail(f, size)
-    except Exception as exc:  # noqa: BLE001 - a failed structure check is a warning, never a failure
+    except Exception as exc:  # a failed structure check is a warning, never a failure
         return f"could not check the end of the file ({type(exc).__name__})"
     return None
 
@@ -502,7 +502,7 @@ def _open_input(uri: str, storage_options: dict | None) -> tuple[Any, int]:
         f = fs.open(path, "rb", block_size=READ_BLOCK_BYTES)
     except ImportError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every storage failure becomes a classified fault
+    except Exception as exc:  # every storage failure becomes a classified fault
         raise storage_fault(uri, exc) from None
     try:
         size = getattr(f, "size", None)
@@ -510,7 +510,7 @@ def _open_input(uri: str, storage_options: dict | None) -> tuple[Any, int]:
             size = f.seek(0, 2)
             f.seek(0)
         return f, int(size)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         f.close()
         raise storage_fault(uri, exc) from None
 
@@ -623,6 +623,8 @@ class LocalDecoder:
         av.logging.set_level(av.logging.ERROR)
         try:
             with av.logging.Capture() as logs:
+                if self._container is None:
+                    raise RuntimeError(f"{uri}: chunks() after close()")
                 demux = self._container.demux(self._stream)
                 while True:
                     try:
@@ -705,13 +707,13 @@ class LocalDecoder:
         if self._container is not None:
             try:
                 self._container.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             self._container = None
         if self._file is not None:
             try:
                 self._file.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             self._file = None
 
@@ -793,6 +795,7 @@ def read_segments(
     crash becomes DecoderCrashed and a stall or more than `time_limit_s` seconds of decoding DecodeTimeout.
     Raises InputFault subclasses at open; the stream raises them during iteration.
     """
+    source: Any  # the child's _RemoteSource, or a LocalDecoder: the same .info/.chunks()/.close()
     if isolate:
         from pipeline.decoder import default_decoder
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import RunConfig, load_yaml, make_config, parse_storage_options
 from pipeline.errors import ExitCode, PipelineError, exit_code
@@ -27,7 +29,7 @@ def storage_options_arg(text: str) -> dict:
 
 # (flag, RunConfig field, type, help). The run options are stated once: `mert-pipeline run` and jobs/extract.py
 # both build their parser from this table.
-RUN_OPTIONS: list[tuple[str, str, object, str]] = [
+RUN_OPTIONS: list[tuple[str, str, Callable[[str], Any], str]] = [
     (
         "--model",
         "model",

@@ -194,7 +194,7 @@ def _child_main() -> None:
                     }
                 ).encode(),
             )
-        except Exception as exc:  # noqa: BLE001 - anything else is this input's decode failure
+        except Exception as exc:  # anything else is this input's decode failure
             _send(
                 proto_out,
                 b"F",
@@ -213,6 +213,13 @@ def _child_main() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- parent side
+
+
+def _pipe(pipe: Any) -> BinaryIO:
+    """A pipe of the child (always opened: stdin and stdout are PIPE); a closed one reads as a broken pipe."""
+    if pipe is None:
+        raise BrokenPipeError("the decoder process's pipe is not open")
+    return pipe
 
 
 def _fault_from(msg: dict, uri: str) -> InputFault:
@@ -332,6 +339,8 @@ class DecoderProcess:
             pass
         proc.wait()
         for pipe in (proc.stdin, proc.stdout):
+            if pipe is None:
+                continue
             try:
                 pipe.close()
             except OSError:
@@ -365,7 +374,7 @@ class DecoderProcess:
         proc = self._proc
         if proc is None:
             raise self._crashed(src, None)
-        fd = proc.stdout.fileno()
+        fd = _pipe(proc.stdout).fileno()
         while len(self._rbuf) < n:
             left = src.time_limit_s - src._waited
             wait = min(self.stall_s, left)
@@ -450,7 +459,9 @@ class DecoderProcess:
                 self._kill()
                 self._start()
             try:
-                self._proc.stdin.write(_HDR.pack(b"O", len(req)) + req)
+                _pipe(self._proc.stdin if self._proc is not None else None).write(
+                    _HDR.pack(b"O", len(req)) + req
+                )
                 break
             except (BrokenPipeError, OSError):
                 self._kill()
@@ -472,8 +483,8 @@ class DecoderProcess:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             try:
-                proc.stdin.write(_HDR.pack(b"Q", 0))
-                proc.stdin.close()
+                _pipe(proc.stdin).write(_HDR.pack(b"Q", 0))
+                _pipe(proc.stdin).close()
                 proc.wait(timeout=2)
             except (OSError, subprocess.TimeoutExpired):
                 pass
@@ -491,7 +502,7 @@ class DecoderProcess:
     def __del__(self) -> None:
         try:
             self._kill()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 

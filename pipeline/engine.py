@@ -405,7 +405,7 @@ def connect(cfg: RunConfig, log: Log):
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
             ray.init(logging_level=logging.WARNING, include_dashboard=False)
-    except Exception as exc:  # noqa: BLE001 - systemic
+    except Exception as exc:  # systemic
         raise PipelineError(
             f"cannot start or join Ray ({address or 'local'}): {type(exc).__name__}: {exc}"
         ) from None
@@ -465,7 +465,7 @@ def wait_for_gpus(ray, want: int, have: int, wait_s: float, log: Log) -> int:
 
         request_resources(bundles=[{"GPU": 1}] * want)
         asked = True
-    except Exception:  # noqa: BLE001 - without an autoscaler, nodes may still join by themselves
+    except Exception:  # without an autoscaler, nodes may still join by themselves
         pass
     deadline = time.monotonic() + wait_s
     while have < want and time.monotonic() < deadline:
@@ -474,7 +474,7 @@ def wait_for_gpus(ray, want: int, have: int, wait_s: float, log: Log) -> int:
     if asked:
         try:
             request_resources(bundles=[])  # the actors' own demand keeps the nodes from here on
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     return have
 
@@ -491,7 +491,7 @@ def device_name(ray, placement: Placement) -> str:
 
     try:
         return ray.get(_name.remote(), timeout=120)
-    except Exception:  # noqa: BLE001 - provenance only
+    except Exception:  # provenance only
         return "cuda (unknown)"
 
 
@@ -538,13 +538,13 @@ class Attempts:
 
         try:
             return int(ray.get(self.handle.begin.remote(key), timeout=60))
-        except Exception:  # noqa: BLE001 - without the counter, Ray's own retry bound still holds
+        except Exception:  # without the counter, Ray's own retry bound still holds
             return 0
 
     def end(self, key: str) -> None:
         try:
             self.handle.end.remote(key)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
     def close(self) -> None:
@@ -552,7 +552,7 @@ class Attempts:
 
         try:
             ray.kill(self.handle)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
@@ -724,7 +724,7 @@ def _probe_duration(uri: str, storage_options: dict) -> float | None:
             stream = c.streams.audio[0]
             if stream.duration and stream.time_base:
                 return float(stream.duration * stream.time_base)
-    except Exception:  # noqa: BLE001 - an estimate skips what it cannot probe
+    except Exception:  # an estimate skips what it cannot probe
         return None
     return None
 
@@ -750,7 +750,7 @@ def run(cfg: RunConfig, log: Log = _stderr) -> dict:
         )
     except PipelineError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise PipelineError(f"cannot load model {cfg.model}: {type(exc).__name__}: {exc}") from None
     facts = model_facts(cfg, loaded)
     table = FeatureTable(cfg.output, cfg.out_options)

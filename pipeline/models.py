@@ -170,10 +170,10 @@ def _parse_ref(ref: str) -> _Ref:
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         return _Ref("local", path, None, None)
-    name, _, revision = ref.partition("@")
-    revision = revision or None
+    name, _, rev = ref.partition("@")
+    revision = rev or None
     if name in REGISTRY:
-        return _Ref("hub", REGISTRY[name].hub_id, revision, REGISTRY[name])
+        return _Ref("hub", REGISTRY[name].hub_id or name, revision, REGISTRY[name])
     if _HUB_ID.match(name) and not ref.startswith(("/", ".", "~", "file://")):
         return _Ref("hub", name, revision, by_hub_id(name))
     raise ModelLoadError(
@@ -256,7 +256,7 @@ def _secrets(options: dict | None) -> list[str]:
     return out
 
 
-def _list_remote(uri: str, storage_options: dict | None) -> tuple[object, str, dict[str, dict]]:
+def _list_remote(uri: str, storage_options: dict | None) -> tuple[Any, str, dict[str, dict]]:
     """(filesystem, root path, {file name: listing entry}) of the checkpoint files under a prefix."""
     secrets = _secrets(storage_options)
     try:
@@ -496,7 +496,7 @@ def _check_config(config: dict, where: str) -> str:
     """The architecture family of a config.json; refuses unknown types, switches transformers cannot build and
     sizes out of bounds (check_config_bounds), all before anything is built."""
     model_type = config.get("model_type")
-    family = MODEL_TYPES.get(model_type)
+    family = MODEL_TYPES.get(str(model_type))
     if family is None:
         raise ModelLoadError(
             f"{where}: config.json model_type {model_type!r} (architectures {config.get('architectures')}) is "
@@ -575,6 +575,8 @@ def build_model(config: dict, where: str = "config.json") -> torch.nn.Module:
     from transformers.initialization import no_init_weights
 
     family = _check_config(config, where)
+    cfg_cls: Any
+    model_cls: Any
     cfg_cls, model_cls = (
         (HubertConfig, HubertModel) if family == "hubert" else (Data2VecAudioConfig, Data2VecAudioModel)
     )
@@ -812,7 +814,7 @@ def load_model(
         )
     _check_config(config, where)
     spec = _spec(config, pre, parsed, where)
-    model = build_model(config, where)
+    model: Any = build_model(config, where)  # HubertModel / Data2VecAudioModel: submodules by name
     wpath = weights_path(local_dir)
     load_weights(model, read_state_dict(wpath), wpath)
     model = model.to(device="cpu", dtype=torch.float32).eval()

@@ -168,7 +168,7 @@ def decode_input(
         record.update(
             status="error", error_kind=exc.kind, retryable=bool(exc.transient), error_message=str(exc)
         )
-    except Exception as exc:  # noqa: BLE001 - an unexpected fault on one input is still that input's row
+    except Exception as exc:  # an unexpected fault on one input is still that input's row
         record.update(
             status="error",
             error_kind="internal",

@@ -158,7 +158,7 @@ class FeatureTable:
     def _invalidate(self) -> None:
         try:
             self.fs.invalidate_cache()
-        except Exception:  # noqa: BLE001 - a cache is best effort
+        except Exception:  # a cache is best effort
             pass
 
     # ---- small files -------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class FeatureTable:
             with self.fs.open(probe, "wb") as f:
                 f.write(b"ok")
             self.fs.rm(probe)
-        except Exception as exc:  # noqa: BLE001 - any failure here is systemic
+        except Exception as exc:  # any failure here is systemic
             raise PipelineError(
                 f"cannot write the output table {self.root}: {type(exc).__name__}: {exc}; "
                 "check the path, the bucket and the credentials"
@@ -301,7 +301,7 @@ class FeatureTable:
                     return
                 self._write_bytes(path, self._lease_body(self._lease_run, self._lease_ttl))
                 renewed = time.time()
-            except Exception as exc:  # noqa: BLE001 - retried at the next tick; expiry is the backstop
+            except Exception as exc:  # retried at the next tick; expiry is the backstop
                 if time.time() - renewed > self._lease_ttl:
                     self._lease_lost = f"cannot renew the lease on {self.root}: {type(exc).__name__}: {exc}"
                     return

@@ -363,7 +363,7 @@ def _auth_moto_server():
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=0.5)
             break
-        except Exception:  # noqa: BLE001
+        except Exception:
             time.sleep(0.1)
     return f"http://127.0.0.1:{port}", proc
 
