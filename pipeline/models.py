@@ -52,6 +52,9 @@ SAFETENSORS_FILE = "model.safetensors"
 BIN_FILE = "pytorch_model.bin"
 WEIGHT_FILES = (SAFETENSORS_FILE, BIN_FILE)  # in order of preference
 CHECKPOINT_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, *WEIGHT_FILES)
+# Larger checkpoints (MERT-v2's own-code ones may be) split safetensors into shards named by an index.
+SHARD_INDEX = "model.safetensors.index.json"
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 # Weight-norm parameter names of the positional conv: transformers <= 4.2x (which wrote the published files)
 # used torch.nn.utils.weight_norm; newer versions use the parametrizations API.
@@ -235,10 +238,13 @@ def _hub_snapshot(parsed: _Ref, weights: bool) -> tuple[str, str | None]:
     from huggingface_hub import snapshot_download
 
     # the code files and the model card come along: never run for the native models, and small
-    patterns = [CONFIG_FILE, PREPROCESSOR_FILE, "*.py", MODEL_CARD] + ([SAFETENSORS_FILE] if weights else [])
+    patterns = [CONFIG_FILE, PREPROCESSOR_FILE, "*.py", MODEL_CARD]
+    if weights:
+        patterns += [SAFETENSORS_FILE, SHARD_INDEX, "model-*-of-*.safetensors"]
     try:
         folder = snapshot_download(parsed.target, revision=parsed.revision, allow_patterns=patterns)
-        if weights and not os.path.exists(os.path.join(folder, SAFETENSORS_FILE)):
+        single_or_sharded = (SAFETENSORS_FILE, SHARD_INDEX)
+        if weights and not any(os.path.exists(os.path.join(folder, n)) for n in single_or_sharded):
             folder = snapshot_download(parsed.target, revision=parsed.revision, allow_patterns=[BIN_FILE])
     except Exception as exc:  # the hub client raises many types for "offline"; all end in one clear message
         raise _hub_error(parsed, exc) from exc
@@ -280,7 +286,7 @@ def _list_remote(uri: str, storage_options: dict | None) -> tuple[Any, str, dict
     files = {}
     for e in entries:
         name = e.get("name", "").rstrip("/").rsplit("/", 1)[-1]
-        if e.get("type") == "file" and (name in CHECKPOINT_FILES or _is_code_or_card(name)):
+        if e.get("type") == "file" and (name in CHECKPOINT_FILES or _is_extra_file(name)):
             files[name] = e
     if CONFIG_FILE not in files:
         raise ModelLoadError(
@@ -290,20 +296,23 @@ def _list_remote(uri: str, storage_options: dict | None) -> tuple[Any, str, dict
     return fs, root, files
 
 
-def _is_code_or_card(name: str) -> bool:
-    """A checkpoint's own code file or its model card: staged with it, run only through pipeline.remote_code."""
-    return name == MODEL_CARD or (name.endswith(CODE_SUFFIX) and "/" not in name and not name.startswith("."))
+def _is_extra_file(name: str) -> bool:
+    """Staged with a checkpoint besides its configs and single weight file: its own code (run only through
+    pipeline.remote_code), its model card (the licence), and sharded safetensors with their index."""
+    if name in (MODEL_CARD, SHARD_INDEX) or _SHARD.match(name):
+        return True
+    return name.endswith(CODE_SUFFIX) and "/" not in name and not name.startswith(".")
 
 
 def _stage_remote(uri: str, storage_options: dict | None, cache_dir: str) -> str:
     fs, root, files = _list_remote(uri, storage_options)
     weight = next((w for w in WEIGHT_FILES if w in files), None)
-    if weight is None:
+    if weight is None and SHARD_INDEX not in files:
         raise ModelLoadError(
             f"{uri}: no weights file under this prefix: expected {SAFETENSORS_FILE} or {BIN_FILE}"
         )
-    wanted = [n for n in (CONFIG_FILE, PREPROCESSOR_FILE, weight) if n in files]
-    wanted += sorted(n for n in files if _is_code_or_card(n))
+    wanted = [n for n in (CONFIG_FILE, PREPROCESSOR_FILE, weight) if n is not None and n in files]
+    wanted += sorted(n for n in files if _is_extra_file(n))
     fingerprint = [
         (
             n,
@@ -722,7 +731,11 @@ def content_hash(local_dir: str, code: bool = False) -> str:
     files = [os.path.join(local_dir, CONFIG_FILE)]
     if os.path.isfile(os.path.join(local_dir, PREPROCESSOR_FILE)):
         files.append(os.path.join(local_dir, PREPROCESSOR_FILE))
-    files.append(weights_path(local_dir))
+    if code and not any(os.path.isfile(os.path.join(local_dir, w)) for w in WEIGHT_FILES):
+        names = sorted(os.listdir(local_dir))  # sharded: the index and every shard
+        files += [os.path.join(local_dir, n) for n in names if n == SHARD_INDEX or _SHARD.match(n)]
+    else:
+        files.append(weights_path(local_dir))
     if code:
         files += [os.path.join(local_dir, n) for n in code_files(local_dir)]
     key = tuple((os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files)

@@ -26,14 +26,19 @@ def v2_dir(tmp_path_factory) -> Path:
     return write_remote_code_checkpoint(tmp_path_factory.mktemp("v2") / "mert2-like", seed=3)
 
 
-def _direct(model_dir: Path, segment: np.ndarray) -> np.ndarray:
-    """The checkpoint's own code called directly on one segment: (24, D) masked means of hidden_states."""
-    import torch
+def _own_code(model_dir: Path):
+    """The checkpoint's own model and processor, loaded by transformers directly (not through the pipeline)."""
     from transformers import AutoFeatureExtractor, AutoModel
 
     trust = True
     model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=trust).eval()
-    processor = AutoFeatureExtractor.from_pretrained(str(model_dir), trust_remote_code=trust)
+    return model, AutoFeatureExtractor.from_pretrained(str(model_dir), trust_remote_code=trust)
+
+
+def _direct(model, processor, segment: np.ndarray) -> np.ndarray:
+    """The checkpoint's own code called directly on one segment: (24, D) masked means of hidden_states."""
+    import torch
+
     with torch.inference_mode():
         out = model(
             **processor(segment, sampling_rate=processor.sampling_rate, return_tensors="pt"),
@@ -76,6 +81,7 @@ def test_an_unpinned_hub_id_is_refused_before_any_download(ref, monkeypatch):
 def test_a_pinned_hub_id_goes_to_the_hub_and_never_shows_the_token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import: set it too
     with pytest.raises(ModelLoadError) as err:
         load_model("m-a-p/MERT-v2-30s@" + "a" * 40, trust_remote_code=True)
     assert "40-hex" not in str(err.value) and TOKEN not in str(err.value)
@@ -184,7 +190,8 @@ def test_features_through_the_cli_equal_a_direct_call_of_its_code(v2_dir, tmp_pa
         120000,
         48000,
     ]  # 5 + 5 + 2 s: two equal-length ones batch together
-    direct = [_direct(v2_dir, s) for s in segs]
+    model, processor = _own_code(v2_dir)
+    direct = [_direct(model, processor, s) for s in segs]
     for layer in (0, 11, 23):  # stored index i is hidden_states[i]: block i + 1
         t = read_features(str(out), layer).sort_by("segment")
         got = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
@@ -194,11 +201,7 @@ def test_features_through_the_cli_equal_a_direct_call_of_its_code(v2_dir, tmp_pa
 
     # the fixture can tell: a padded batch (5 s with 2 s) differs from single runs, so batching must not pad
     import torch
-    from transformers import AutoFeatureExtractor, AutoModel
 
-    trust = True
-    model = AutoModel.from_pretrained(str(v2_dir), trust_remote_code=trust).eval()
-    processor = AutoFeatureExtractor.from_pretrained(str(v2_dir), trust_remote_code=trust)
     with torch.inference_mode():
         o = model(
             **processor([segs[0], segs[2]], sampling_rate=24000, return_tensors="pt"),
@@ -224,3 +227,18 @@ def test_features_through_the_cli_equal_a_direct_call_of_its_code(v2_dir, tmp_pa
         if p.is_file():
             everything += p.read_bytes().decode("latin-1")
     assert TOKEN not in everything
+
+
+def test_an_object_storage_snapshot_is_staged_with_its_code(v2_dir, s3_bucket, s3_options, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    for f in v2_dir.iterdir():
+        fs.put_file(str(f), f"{s3_bucket}/models/v2/{f.name}")
+    uri = f"s3://{s3_bucket}/models/v2/"
+    loaded = load_model(uri, s3_options, cache_dir=str(tmp_path / "cache"), trust_remote_code=True)
+    local = load_model(str(v2_dir), trust_remote_code=True)
+    assert loaded.remote and loaded.code_hash == local.code_hash and loaded.content_hash == local.content_hash
+    assert loaded.licence == "cc-by-nc-4.0"  # the model card came along
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        load_model(uri, s3_options, cache_dir=str(tmp_path / "cache"))
