@@ -18,6 +18,7 @@ and a shuffled-label control for each, scored on held-out recordings.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
 import time
@@ -631,6 +632,11 @@ def run_probe(
     cfg = cfg or ProbeConfig()
     log = log or (lambda m: None)
     started = time.time()
+    if importlib.util.find_spec("matplotlib") is None:  # the picture needs it: fail before any training
+        raise PipelineError(
+            "the probe report's picture needs matplotlib: pip install -c infra/constraints.txt '.[report]' "
+            "(or pip install matplotlib)"
+        )
     table = FeatureTable(table_uri, storage_options)
     meta = table.read_meta()
     if meta is None:
