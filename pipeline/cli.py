@@ -4,6 +4,7 @@ library."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -378,18 +379,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_labelled_corpus(labelled, classes=4, per_class=10, duration_s=1.5, seed=0)
     print_summary(run(RunConfig(input=str(labelled), output=str(ltable), model=str(model), progress=True)))
     note = "DEMO: RANDOM WEIGHTS. This is what random weights give, not what MERT gives"
-    cmd_probe(
-        build_parser().parse_args(
-            ["probe", str(ltable), "--labels", str(labels), "--out", str(probe_dir)] + ["--note", note]
+    if importlib.util.find_spec("matplotlib") is None:
+        print(
+            "[demo] skipping the probe: its report picture needs matplotlib "
+            "(pip install -c infra/constraints.txt -e '.[report]')",
+            file=sys.stderr,
         )
-    )
+    else:
+        probe_argv = ["probe", str(ltable), "--labels", str(labels), "--out", str(probe_dir), "--note", note]
+        cmd_probe(build_parser().parse_args(probe_argv))
     first = sorted(labelled.glob("*.wav"))[0]
     cmd_neighbors(
         build_parser().parse_args(["neighbors", str(ltable), str(first), "--layer", "6", "-k", "5"])
     )
     print(
         f"\nread it:  mert-pipeline inspect {table}\n          mert-pipeline read {table} --layer 12"
-        f"\n          open {probe_dir / 'report.html'}"
+        f"\nwhich layer?  open {probe_dir / 'report.html'}"
+        f"\nmore like this:  mert-pipeline neighbors {ltable} {first} --layer 6"
     )
     print(DEMO_BANNER, file=sys.stderr)
     return 0

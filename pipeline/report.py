@@ -32,14 +32,14 @@ def plot(report: dict, path: str) -> None:
     ax.set_ylabel("test macro-F1")
     ax.set_ylim(0, 1.02)
     ax.set_xticks(layers)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right", framealpha=0.9)
     ax.set_title(f"which layer? best: {report['best_layer']}", fontsize=10)
     bx.bar(layers, weights, color="tab:orange")
     bx.set_xticks(layers)
     bx.set_xlabel("layer (hidden state)")
     bx.set_ylabel("softmax weight")
     bx.set_title("learned layer weights (sum 1)", fontsize=10)
-    model = (report.get("model") or {}).get("name") or "?"
+    model = _model_name(report)
     rec = report["recordings"]
     title = f"{model}: {report['task'].replace('_', '-')} probe, {rec['matched']} recordings, {rec['split']}"
     if report.get("note"):
@@ -48,6 +48,12 @@ def plot(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _model_name(report: dict) -> str:
+    """The model's registry name, or a local checkpoint's folder name (not its whole path)."""
+    name = str((report.get("model") or {}).get("name") or "?")
+    return os.path.basename(name.rstrip("/")) if name.startswith(("/", "file://")) else name
 
 
 def _row(cells: list, tag: str = "td") -> str:

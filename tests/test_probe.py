@@ -50,6 +50,10 @@ def test_metrics_match_hand_computed_values():
     assert roc_auc(yb, s) == pytest.approx(0.75)
     assert average_precision(yb, s) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert roc_auc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)  # a tie counts half
+    # tied scores are one threshold: at 0.5 P 1/2, R 1/2; at 0.2 P 2/3, R 1
+    assert average_precision(np.array([1, 0, 1]), np.array([0.5, 0.5, 0.2])) == pytest.approx(0.25 + 1 / 3)
+    # a tag neither true nor predicted anywhere is left out of the macro mean (not counted as 0, not NaN)
+    assert macro_f1(np.array([[1, 0], [0, 0]]), np.array([[1, 0], [0, 0]])) == 1.0
     # two columns: the macro mean; a column without a positive is left out of AP and AUC
     y2 = np.stack([yb, [1, 0, 0, 1], [0, 0, 0, 0]], axis=1)
     s2 = np.stack([s, [0.9, 0.2, 0.3, 0.1], [0.1, 0.2, 0.3, 0.4]], axis=1)
