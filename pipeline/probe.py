@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -564,7 +565,7 @@ def _standardizer(x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return mean, std
 
 
-def _select(fits: list[tuple[float, dict, object]]) -> tuple[float, object]:
+def _select(fits: Sequence[tuple[float, dict[str, float], Any]]) -> tuple[float, Any]:
     """The fit with the best valid macro-F1; ties go to the stronger weight decay (the simpler head)."""
     best = max(fits, key=lambda f: (f[1]["macro_f1"], f[0]))
     return best[0], best[2]
@@ -697,7 +698,7 @@ def run_probe(
                     shuffled = tensor_y[tr][torch.as_tensor(perms[r][k], device=device)]
                     _, (w, b) = _select_linear(xt[tr], shuffled, xt[va], y[f.valid], C, multi, cfg)
                     controls[r].put(f.test, _probs(xt[te] @ w + b, multi))
-            entry = {
+            entry: dict[str, Any] = {
                 "layer": layer,
                 "scores": real.scores(y, multi),
                 "control": _mean_scores([c.scores(y, multi) for c in controls]),
@@ -716,17 +717,16 @@ def run_probe(
         weights, decays = [], []
         for k, f in enumerate(folds):
             mean_np, std_np = _weighting_standardizer(arr, f.train, bs)
-            mean, std = torch.as_tensor(mean_np, device=device), torch.as_tensor(std_np, device=device)
-
-            wd, (a, w, b) = _select_weighting(arr, f, y[f.train], y[f.valid], mean, std, C, multi, cfg, k)
+            mu, sd = torch.as_tensor(mean_np, device=device), torch.as_tensor(std_np, device=device)  # (L, D)
+            wd, (a, w, b) = _select_weighting(arr, f, y[f.train], y[f.valid], mu, sd, C, multi, cfg, k)
             decays.append(wd)
             weights.append(torch.softmax(a, 0).double().cpu().numpy())
-            real.put(f.test, predict_weighting(arr, f.test, a, w, b, mean, std, multi, bs))
+            real.put(f.test, predict_weighting(arr, f.test, a, w, b, mu, sd, multi, bs))
             for r in range(cfg.control_repeats):
                 ys = y[f.train][perms[r][k]]
-                _, (a, w, b) = _select_weighting(arr, f, ys, y[f.valid], mean, std, C, multi, cfg, k)
-                controls[r].put(f.test, predict_weighting(arr, f.test, a, w, b, mean, std, multi, bs))
-        weighted = {
+                _, (a, w, b) = _select_weighting(arr, f, ys, y[f.valid], mu, sd, C, multi, cfg, k)
+                controls[r].put(f.test, predict_weighting(arr, f.test, a, w, b, mu, sd, multi, bs))
+        weighted: dict[str, Any] = {
             "scores": real.scores(y, multi),
             "control": _mean_scores([c.scores(y, multi) for c in controls]),
             "weight_decay": decays,
