@@ -5,8 +5,8 @@ file embedded on the fly with the table's own configuration (window, hop, minimu
 and storage dtypes): the checkpoint given must have the content hash the table was built with.
 
 The search is exact: the layer's recording vectors (pipeline.probe.recording_vectors, N x D float32) are scored
-against the query in blocks of `block` rows, keeping the k best of each block, so the scores never take more
-than block x 8 bytes beyond the vectors. Past a few million vectors, export the layer and use an ANN index
+against the query in blocks of `block` rows (16384: 48 MB of float32 at 768 dims), keeping the k best so far,
+so the search holds the vectors plus one block. Past a few million vectors, export the layer and use an ANN index
 (FAISS, LanceDB).
 """
 
@@ -116,7 +116,7 @@ def embed_query(
 
 
 def search(
-    vectors: np.ndarray, query: np.ndarray, k: int, block: int = 65536, prefer: int | None = None
+    vectors: np.ndarray, query: np.ndarray, k: int, block: int = 16384, prefer: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by cosine similarity of (N, D) `vectors` to (D,) `query`, scored in blocks of `block` rows.
     Returns (indices, similarities), best first; `prefer` (the query's own row, similarity 1 by definition)
@@ -125,13 +125,13 @@ def search(
         raise ValueError(f"k={k}: must be at least 1")
     if block < 1:
         raise ValueError(f"block={block}: must be at least 1")
-    q = query.astype(np.float64)
+    q = query.astype(np.float32)
     q = q / max(float(np.linalg.norm(q)), 1e-12)
     best_i = np.zeros(0, dtype=np.int64)
-    best_s = np.zeros(0, dtype=np.float64)
+    best_s = np.zeros(0, dtype=np.float32)
     for start in range(0, len(vectors), block):
-        x = vectors[start : start + block].astype(np.float64)  # (b, D)
-        s = (x @ q) / np.maximum(np.linalg.norm(x, axis=1), 1e-12)
+        x = np.asarray(vectors[start : start + block], dtype=np.float32)  # (b, D)
+        s = (x @ q) / np.maximum(np.linalg.norm(x, axis=1), 1e-12)  # (b,) cosine similarities
         take = np.argsort(-s, kind="stable")[:k]
         best_i = np.r_[best_i, start + take]
         best_s = np.r_[best_s, s[take]]
@@ -148,7 +148,7 @@ def neighbors(
     *,
     model: str | None = None,
     storage_options: dict | None = None,
-    block: int = 65536,
+    block: int = 16384,
 ) -> tuple[dict, list[Neighbor]]:
     """The k recordings of `layer` nearest to `query` by cosine similarity. Returns (what was asked: query kind,
     the recording it resolved to, layer, table size; the neighbors, best first)."""

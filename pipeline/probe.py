@@ -222,46 +222,59 @@ def read_labels(path: str, table: FeatureTable, storage_options: dict | None = N
 
 
 # ---- features ----------------------------------------------------------------------------------------------
+ROWS_PER_CHUNK = 16384  # rows (or frames) converted to float64 at a time when pooling a layer
+
+
+def _pool(values: np.ndarray, group: np.ndarray, weights: np.ndarray, groups: int) -> np.ndarray:
+    """(groups, D) float64 weighted means of (R, D) `values` rows by `group` (R,) ids in [0, groups), with
+    (R,) `weights`. Rows are taken in group order, ROWS_PER_CHUNK at a time: beyond the input, memory is the
+    (groups, D) result and one chunk."""
+    dim = values.shape[1]
+    total = np.zeros((groups, dim))
+    order = np.argsort(group, kind="stable")
+    for s in range(0, len(order), ROWS_PER_CHUNK):
+        o = order[s : s + ROWS_PER_CHUNK]
+        g = group[o]
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        part = np.add.reduceat(values[o].astype(np.float64) * weights[o, None], starts, axis=0)
+        total[g[starts]] += part  # each group once per chunk
+    wsum = np.bincount(group, weights=weights, minlength=groups)
+    return total / np.maximum(wsum, 1e-12)[:, None]
+
+
 def recording_vectors(
     table: FeatureTable, layer: int, ids: Sequence[str] | None = None
 ) -> tuple[list[str], np.ndarray]:
     """One layer's recording vectors: (ids, (N, D) float32), in the order of `ids` (default: every recording,
     sorted). Recording granularity: the stored vector; segment: the mean of the segments weighted by their frame
-    counts; frame: the mean of all the recording's frames (the same thing). Holds one layer's rows."""
+    counts; frame: the mean of all the recording's frames (the same thing). Holds one layer's rows (as read,
+    float32 or float16), the (N, D) result and a chunk of ROWS_PER_CHUNK rows in float64."""
     meta = table.read_meta()
     if meta is None:
         raise PipelineError(f"{table.root} is not a feature table (no _table.json)")
     dim, granularity = int(meta["dim"]), meta["config"]["granularity"]
     t = table.read_layer(layer, ["recording_id", "n_frames", "embedding"])
     rid = np.asarray(t.column("recording_id").to_numpy(zero_copy_only=False)).astype(object)
-    emb = t.column("embedding").combine_chunks() if t.num_rows else None
-    if emb is None:
-        sums, weights = np.zeros((0, dim)), np.zeros(0)
-    elif granularity == "frame":
-        counts = pc.list_value_length(emb).to_numpy(zero_copy_only=False).astype(np.int64)
-        frames = emb.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float64)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        sums = np.zeros((len(counts), dim))
-        nz = counts > 0
-        if nz.any():
-            sums[nz] = np.add.reduceat(frames, starts[nz], axis=0)
-        weights = counts.astype(np.float64)
-    else:
-        vecs = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float64)
-        if granularity == "recording":
-            weights = np.ones(len(vecs))
-        else:
-            nf = t.column("n_frames").to_numpy(zero_copy_only=False)
-            weights = np.where(np.isnan(nf.astype(np.float64)), 1.0, nf).astype(np.float64)
-        sums = vecs * weights[:, None]
     uniq, inverse = (
-        np.unique(rid, return_inverse=True) if len(rid) else (np.array([], object), np.array([], int))
+        np.unique(rid, return_inverse=True) if len(rid) else (np.array([], object), np.array([], np.int64))
     )
-    order = np.argsort(inverse, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0]) if len(order) else np.array([], int)
-    total = np.add.reduceat(sums[order], starts, axis=0) if len(order) else np.zeros((0, dim))
-    wsum = np.add.reduceat(weights[order], starts) if len(order) else np.zeros(0)
-    vectors = (total / np.maximum(wsum, 1e-12)[:, None]).astype(np.float32)
+    if not t.num_rows:
+        vectors = np.zeros((0, dim), np.float32)
+    else:
+        emb = t.column("embedding").combine_chunks()
+        if granularity == "frame":  # every frame a row of weight 1, in its recording's group
+            counts = pc.list_value_length(emb).to_numpy(zero_copy_only=False).astype(np.int64)
+            values = emb.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            group, weights = np.repeat(inverse, counts), np.ones(len(values))
+        else:
+            values = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            group = inverse
+            if granularity == "recording":
+                weights = np.ones(len(values))
+            else:
+                nf = t.column("n_frames").to_numpy(zero_copy_only=False).astype(np.float64)
+                weights = np.where(np.isnan(nf), 1.0, nf)
+        vectors = _pool(values, group, weights, len(uniq)).astype(np.float32)
     where = {r: i for i, r in enumerate(uniq.tolist())}
     if ids is None:
         return [str(r) for r in uniq.tolist()], vectors

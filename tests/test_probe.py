@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline import probe
 from pipeline.checkpoints import write_random_checkpoint
 from pipeline.cli import main
 from pipeline.config import RunConfig
+from pipeline.neighbors import search
 from pipeline.probe import (
     accuracy,
     average_precision,
@@ -123,8 +125,10 @@ def _hand_table(root: Path, granularity: str) -> FeatureTable:
     return t
 
 
+@pytest.mark.parametrize("chunk", [1, 16384])  # 1: a recording's rows straddle chunks
 @pytest.mark.parametrize("granularity", ["segment", "frame"])
-def test_recording_vectors_are_frame_weighted_means(tmp_path, granularity):
+def test_recording_vectors_are_frame_weighted_means(tmp_path, granularity, chunk, monkeypatch):
+    monkeypatch.setattr(probe, "ROWS_PER_CHUNK", chunk)
     t = _hand_table(tmp_path / granularity, granularity)
     ids, x = recording_vectors(t, 0, ["b", "a"])
     assert ids == ["b", "a"]
@@ -281,6 +285,18 @@ def test_bad_labels_get_a_clear_message(labelled, tmp_path, capsys, content, exp
     assert main(["probe", str(table), "--labels", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert expected in err and str(bad) in err
+
+
+def test_search_in_blocks_is_exact():
+    rng = np.random.default_rng(0)
+    x, q = rng.standard_normal((101, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    cos = (x @ q) / np.linalg.norm(x, axis=1) / np.linalg.norm(q)
+    want = np.argsort(-cos)[:7]
+    for block in (1, 10, 1000):  # the top k carried across block boundaries
+        idx, sims = search(x, q, 7, block=block)
+        assert idx.tolist() == want.tolist() and np.allclose(sims, cos[want], atol=1e-6)
+    idx, _ = search(x, x[50], 3, block=7, prefer=50)
+    assert idx[0] == 50
 
 
 # ---- neighbors ---------------------------------------------------------------------------------------------
