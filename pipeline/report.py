@@ -94,11 +94,12 @@ def write_html(report: dict, png_path: str, path: str) -> None:
     )
     rec = report["recordings"]
     model = report.get("model") or {}
+    hub = f" ({model['hub_id']})" if model.get("hub_id") else ""
     facts = [
         ("table", report["table"]),
         (
             "model",
-            f"{model.get('name')} ({model.get('hub_id')}), content {str(model.get('content_hash'))[:16]}",
+            f"{model.get('name')}{hub}, content {str(model.get('content_hash'))[:16]}",
         ),
         ("granularity", report["granularity"]),
         ("labels", report["labels"]),
@@ -114,7 +115,7 @@ def write_html(report: dict, png_path: str, path: str) -> None:
     ]
     note = f"<p style='color:darkred'><b>{html.escape(report['note'])}</b></p>" if report.get("note") else ""
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Which layer? {html.escape(str(model.get("name")))}</title>
+<html><head><meta charset="utf-8"><title>Which layer? {html.escape(_model_name(report))}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:1em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head><body>
 <h1>Which layer?</h1>{note}
