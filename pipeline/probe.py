@@ -449,6 +449,10 @@ def _device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(
+            f"device {name!r} asked for, but CUDA is not available here: use --device cpu or auto"
+        )
     return torch.device(name)
 
 
