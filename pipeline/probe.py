@@ -78,8 +78,8 @@ class ProbeConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: a positive integer")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r}: a positive number")
-        if not (isinstance(self.memory_mb, (int, float)) and self.memory_mb >= 1):
-            raise ValueError(f"memory_mb={self.memory_mb!r}: at least 1 MB")
+        if not (isinstance(self.memory_mb, (int, float)) and self.memory_mb > 0):
+            raise ValueError(f"memory_mb={self.memory_mb!r}: a positive number of MB")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads={self.threads!r}: a positive integer, or None")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -519,10 +519,12 @@ def fit_weighting(
     cfg: ProbeConfig,
     device,
     seed: int,
+    stats: dict[str, int] | None = None,
 ):
     """The model card's layer weighting: softmax(a) over L layers, the weighted sum of the standardized layers,
     then a linear head, trained together with Adam on minibatches of `idx`'s recordings read from `stack`
-    ((N, L, D), a memmap). mean, std: (L, D) tensors from the train rows. Returns (a, W, b)."""
+    ((N, L, D), a memmap). mean, std: (L, D) tensors from the train rows. Returns (a, W, b); `stats` (optional)
+    gets `largest_batch`, the most recordings held at once."""
     import torch
 
     L, D = stack.shape[1], stack.shape[2]
@@ -543,6 +545,8 @@ def fit_weighting(
             else _stream(stack, idx, gen.permutation(len(idx)), bs, yt, mean, std)
         )
         for xb, yb in batches:
+            if stats is not None:  # what the memory limit allowed, as it happened
+                stats["largest_batch"] = max(stats.get("largest_batch", 0), int(xb.shape[0]))
             opt.zero_grad()
             h = (xb * torch.softmax(a, 0)[None, :, None]).sum(1)  # (B, D)
             loss = _loss(h @ w + b, yb, multi_label) + weight_decay * (w * w).sum()
@@ -598,7 +602,17 @@ def _select_linear(x_train, y_train, x_valid, y_valid: np.ndarray, C: int, multi
 
 
 def _select_weighting(
-    arr: np.ndarray, f: Fold, y_train, y_valid, mean, std, C: int, multi: bool, cfg: ProbeConfig, k: int
+    arr: np.ndarray,
+    f: Fold,
+    y_train,
+    y_valid,
+    mean,
+    std,
+    C: int,
+    multi: bool,
+    cfg: ProbeConfig,
+    k: int,
+    stats: dict[str, int],
 ):
     """Fit the layer weighting for every weight decay on fold f's train rows; keep the best on valid:
     (wd, (a, W, b))."""
@@ -606,7 +620,7 @@ def _select_weighting(
     fits = []
     for wd in cfg.weight_decays:
         a, w, b = fit_weighting(
-            arr, f.train, y_train, mean, std, C, multi, wd, cfg, mean.device, cfg.seed + k
+            arr, f.train, y_train, mean, std, C, multi, wd, cfg, mean.device, cfg.seed + k, stats
         )
         probs = predict_weighting(arr, f.valid, a, w, b, mean, std, multi, bs)
         fits.append((wd, score(y_valid, probs, multi), (a, w, b)))
@@ -732,16 +746,17 @@ def run_probe(
         bs = _batch_rows(cfg.memory_mb, len(layers), dim)
         real, controls = _Pooled(n, C), [_Pooled(n, C) for _ in range(cfg.control_repeats)]
         weights, decays = [], []
+        stats: dict[str, int] = {}
         for k, f in enumerate(folds):
             mean_np, std_np = _weighting_standardizer(arr, f.train, bs)
             mu, sd = torch.as_tensor(mean_np, device=device), torch.as_tensor(std_np, device=device)  # (L, D)
-            wd, (a, w, b) = _select_weighting(arr, f, y[f.train], y[f.valid], mu, sd, C, multi, cfg, k)
+            wd, (a, w, b) = _select_weighting(arr, f, y[f.train], y[f.valid], mu, sd, C, multi, cfg, k, stats)
             decays.append(wd)
             weights.append(torch.softmax(a, 0).double().cpu().numpy())
             real.put(f.test, predict_weighting(arr, f.test, a, w, b, mu, sd, multi, bs))
             for r in range(cfg.control_repeats):
                 ys = y[f.train][perms[r][k]]
-                _, (a, w, b) = _select_weighting(arr, f, ys, y[f.valid], mu, sd, C, multi, cfg, k)
+                _, (a, w, b) = _select_weighting(arr, f, ys, y[f.valid], mu, sd, C, multi, cfg, k, stats)
                 controls[r].put(f.test, predict_weighting(arr, f.test, a, w, b, mu, sd, multi, bs))
         weighted: dict[str, Any] = {
             "scores": real.scores(y, multi),
@@ -807,6 +822,7 @@ def run_probe(
         "memory": {
             "weighting_limit_mb": cfg.memory_mb,
             "weighting_batch_recordings": bs,
+            "weighting_largest_batch_seen": stats.get("largest_batch", 0),
             "layer_vectors_mb": round(n * dim * 4 / 2**20, 3),
             "stack_on_disk_mb": round(n * len(layers) * dim * 4 / 2**20, 3),
         },

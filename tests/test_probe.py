@@ -235,6 +235,20 @@ def test_a_given_split_is_obeyed(labelled, tmp_path):
     assert used == given
 
 
+def test_the_layer_weighting_streams_minibatches_within_the_memory_limit(labelled, tmp_path):
+    table, _, labels = labelled
+    out = tmp_path / "streamed"
+    # 0.006 MB: 8 recordings x 2 layers x 32 dims x 4 bytes x 3 copies; the train split (~27) needs 4 batches
+    argv = ["--layers", "2,4", "--folds", "3", "--memory-mb", "0.006", "--weight-decays", "0.01"]
+    assert main(["probe", str(table), "--labels", str(labels), "--out", str(out), *argv, "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["memory"]["weighting_batch_recordings"] == 8 < min(report["recordings"]["train"])
+    assert report["memory"]["weighting_largest_batch_seen"] == 8  # never the whole train split at once
+    weighted = report["weighted"]
+    assert weighted["scores"]["macro_f1"] >= weighted["control"]["macro_f1"] + 0.3
+    assert sum(report["weights"].values()) == pytest.approx(1.0)
+
+
 def test_multi_label_reports_auc_and_average_precision(labelled, tmp_path):
     table, _, labels = labelled
     rows = list(csv.DictReader(open(labels)))
