@@ -1,4 +1,5 @@
-"""`mert-pipeline`: run, dry-run, read, inspect, vacuum, models, demo. A thin layer over the library.
+"""`mert-pipeline`: run, dry-run, read, inspect, vacuum, compact, probe, neighbors, models, demo. A thin layer
+over the library.
 
 Exit codes are pipeline.errors.ExitCode, shared with jobs.extract and jobs.scheduled: 0 complete, 1 could not
 commit, 2 usage (an invalid option, YAML or run id), 3 stopped by the error-rate limit (finished work committed),
@@ -289,6 +290,81 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    """'6,7,12' or '0-4' (or both, '0-2,6') -> (6, 7, 12); ValueError naming the text otherwise."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: give layers like 6,7,12 or 0-4") from None
+    if len(set(out)) != len(out) or any(i < 0 for i in out):
+        raise ValueError(f"--layers {text!r}: distinct non-negative layer numbers")
+    return tuple(out)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from pipeline.probe import ProbeConfig, run_probe
+
+    decays = ProbeConfig.weight_decays
+    if args.weight_decays:
+        try:
+            decays = tuple(float(v) for v in args.weight_decays.split(","))
+        except ValueError:
+            raise ValueError(f"--weight-decays {args.weight_decays!r}: give numbers like 1e-3,0.1") from None
+    cfg = ProbeConfig(
+        weight_decays=decays,
+        folds=args.folds,
+        seed=args.seed,
+        control_repeats=args.control_repeats,
+        memory_mb=args.memory_mb,
+        device=args.device,
+        layers=_layer_list(args.layers) if args.layers else None,
+    )
+    so = json.loads(args.storage_options) if args.storage_options else None
+    log = (lambda m: None) if args.quiet else (lambda m: print(f"[probe] {m}", file=sys.stderr, flush=True))
+    report = run_probe(args.table, args.labels, args.out, cfg, storage_options=so, note=args.note, log=log)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    rec = report["recordings"]
+    print(
+        f"probe of {report['table']} ({report['model']['name']}), {report['task'].replace('_', '-')}, "
+        f"{len(report['classes'])} classes, {rec['matched']} recordings ({rec['split']}, {rec['folds']} fold(s); "
+        f"{rec['unmatched']} label row(s) unmatched)"
+    )
+    print(f"  {'layer':>8} {'macro-F1':>9} {'control':>8} {'accuracy':>9} {'weight':>7}")
+    for e in report["layers"]:
+        print(
+            f"  {e['layer']:>8} {e['scores']['macro_f1']:>9.3f} {e['control']['macro_f1']:>8.3f} "
+            f"{e['scores']['accuracy']:>9.3f} {report['weights'][str(e['layer'])]:>7.3f}"
+        )
+    w = report["weighted"]
+    print(
+        f"  {'weighted':>8} {w['scores']['macro_f1']:>9.3f} {w['control']['macro_f1']:>8.3f} "
+        f"{w['scores']['accuracy']:>9.3f} {1:>7.3f}"
+    )
+    print(f"  best layer: {report['best_layer']}; chance macro-F1 {report['chance']['macro_f1']:.3f}")
+    print(f"  report: {Path(args.out) / 'report.html'} (report.json, report.png)")
+    return 0
+
+
+def cmd_neighbors(args: argparse.Namespace) -> int:
+    from pipeline.neighbors import neighbors
+
+    so = json.loads(args.storage_options) if args.storage_options else None
+    info, found = neighbors(args.table, args.query, args.layer, args.k, model=args.model, storage_options=so)
+    if args.json:
+        print(json.dumps({**info, "neighbors": [vars(n) for n in found]}, indent=2))
+        return 0
+    what = info["query_recording"] if info["query_kind"] == "recording" else f"{args.query} (embedded now)"
+    print(f"nearest to {what} in layer {args.layer} of {info['table']} ({info['recordings']} recordings):")
+    for n in found:
+        print(f"  {n.rank:>3}  {n.similarity:.4f}  {n.recording_id}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from pipeline.registry import REGISTRY
 
@@ -320,7 +396,7 @@ DEMO_BANNER = """
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.checkpoints import write_random_checkpoint
     from pipeline.engine import run
-    from pipeline.synth import write_corpus
+    from pipeline.synth import write_corpus, write_labelled_corpus
 
     root = Path(args.folder).resolve()
     print(DEMO_BANNER, file=sys.stderr)
@@ -336,7 +412,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = RunConfig(input=str(audio), output=str(table), model=str(model), progress=True)
     summary = run(cfg)
     print_summary(summary)
-    print(f"\nread it:  mert-pipeline inspect {table}\n          mert-pipeline read {table} --layer 12")
+    # which layer? a labelled corpus (4 pitch classes x 10 tones), its table, the probe, then neighbours
+    labelled, ltable, probe_dir = root / "labelled-audio", root / "labelled-table", root / "probe"
+    labels = labelled / "labels.csv"
+    if not labels.exists():
+        print(
+            f"[demo] generating a labelled corpus (4 pitch classes x 10 tones) in {labelled}", file=sys.stderr
+        )
+        write_labelled_corpus(labelled, classes=4, per_class=10, duration_s=1.5, seed=0)
+    print_summary(run(RunConfig(input=str(labelled), output=str(ltable), model=str(model), progress=True)))
+    note = "DEMO: RANDOM WEIGHTS. This is what random weights give, not what MERT gives"
+    probe_argv = ["probe", str(ltable), "--labels", str(labels), "--out", str(probe_dir), "--note", note]
+    cmd_probe(build_parser().parse_args(probe_argv))
+    first = sorted(labelled.glob("*.wav"))[0]
+    cmd_neighbors(
+        build_parser().parse_args(["neighbors", str(ltable), str(first), "--layer", "6", "-k", "5"])
+    )
+    print(
+        f"\nread it:  mert-pipeline inspect {table}\n          mert-pipeline read {table} --layer 12"
+        f"\nwhich layer?  open {probe_dir / 'report.html'}"
+        f"\nmore like this:  mert-pipeline neighbors {ltable} {first} --layer 6"
+    )
     print(DEMO_BANNER, file=sys.stderr)
     return 0
 
@@ -367,6 +463,43 @@ def build_parser() -> argparse.ArgumentParser:
                 "--lease-wait", type=float, default=0.0, help="wait this long for a running run's lease"
             )
         s.set_defaults(fn=fn)
+    pr = sub.add_parser("probe", help="which layer? linear probes per layer, a layer weighting, a control")
+    pr.add_argument("table")
+    pr.add_argument(
+        "--labels",
+        required=True,
+        help="CSV or Parquet with recording_id (or uri), label ('a|b' = multi-label), optional split",
+    )
+    pr.add_argument(
+        "--out", required=True, help="folder for report.json, report.png, report.html, splits.csv"
+    )
+    pr.add_argument("--layers", help="layers to probe, e.g. 6,7,12 or 0-4 (default: all the table holds)")
+    pr.add_argument("--folds", type=int, default=5, help="k-fold by recording when there is no split (5)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--control-repeats", type=int, default=3, help="shuffled-label controls averaged (3)")
+    pr.add_argument(
+        "--weight-decays", help="comma-separated L2 strengths chosen on valid (default 1e-4,1e-3,1e-2,0.1,1)"
+    )
+    pr.add_argument(
+        "--memory-mb", type=float, default=512.0, help="layer weighting: minibatch memory limit, MB (512)"
+    )
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda (default: cuda when present)")
+    pr.add_argument("--note", help="a line to print on the report (e.g. 'random weights')")
+    pr.add_argument("--storage-options", help="fsspec options as JSON")
+    pr.add_argument("--quiet", action="store_true", help="no progress lines")
+    pr.add_argument("--json", action="store_true", help="print the report as JSON")
+    pr.set_defaults(fn=cmd_probe)
+    nb = sub.add_parser("neighbors", help="nearest recordings by cosine similarity (exact, in blocks)")
+    nb.add_argument("table")
+    nb.add_argument("query", help="a recording id (or uri) of the table, or an audio file to embed now")
+    nb.add_argument("--layer", type=int, required=True)
+    nb.add_argument("-k", type=int, default=10, help="how many (10)")
+    nb.add_argument(
+        "--model", help="for an audio query: the table's checkpoint (its content hash is checked)"
+    )
+    nb.add_argument("--storage-options", help="fsspec options as JSON")
+    nb.add_argument("--json", action="store_true")
+    nb.set_defaults(fn=cmd_neighbors)
     m = sub.add_parser("models", help="the model registry")
     m.set_defaults(fn=cmd_models)
     d = sub.add_parser("demo", help="random-weight MERT-v1-95M on generated audio (meaningless features)")

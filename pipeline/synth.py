@@ -17,6 +17,7 @@ a real container/codec; combinations the bundled encoders cannot write raise Val
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -328,3 +329,65 @@ def write_corpus(
         x = music_like(dur, sample_rate, channels=2, seed=seed + i)
         paths.append(write_audio(folder / f"track_{i:04d}{EXTENSIONS[fmt]}", x, sample_rate, fmt))
     return paths
+
+
+PITCH_CLASSES: dict[str, float] = {"A3": 220.0, "C#4": 277.18, "E4": 329.63, "G4": 392.0, "B4": 493.88}
+
+
+def labelled_tone(freq_hz: float, duration_s: float, sample_rate: int, seed: int = 0) -> np.ndarray:
+    """One recording of the labelled corpus: (1, round(duration_s*sample_rate)) float32 in [-1, 1].
+
+    A note at `freq_hz` (detuned by up to +-15 cents) with random harmonic weights, a random attack/decay envelope,
+    a random level and a little noise: the pitch is what stays audible across recordings of one class.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(round(duration_s * sample_rate))
+    t = np.arange(n, dtype=np.float64) / sample_rate
+    f0 = freq_hz * 2 ** (float(rng.uniform(-15, 15)) / 1200)
+    x = np.zeros(n)
+    for h in range(1, 6):
+        if f0 * h < 0.45 * sample_rate:
+            x += float(rng.uniform(0.2, 1.0)) / h * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 2 * np.pi))
+    env = (1 - np.exp(-t / float(rng.uniform(0.005, 0.05)))) * np.exp(-t / float(rng.uniform(0.8, 3.0)))
+    x = x * env
+    x *= float(rng.uniform(0.3, 0.8)) / max(float(np.max(np.abs(x))), 1e-9)
+    x += 0.01 * rng.standard_normal(n)
+    return np.clip(x, -1.0, 1.0).astype(np.float32)[None, :]
+
+
+def write_labelled_corpus(
+    folder: str | Path,
+    classes: int = 4,
+    per_class: int = 10,
+    duration_s: float = 1.5,
+    seed: int = 0,
+    sample_rate: int = 24000,
+    fmt: str = "wav",
+    labels_name: str = "labels.csv",
+) -> tuple[list[Path], Path]:
+    """A corpus whose label is audible: `per_class` tones of each of `classes` pitch classes (PITCH_CLASSES).
+
+    Writes `folder/<pitch>_<k>.<ext>` (mono, `duration_s` seconds at `sample_rate` Hz) and `folder/labels_name`, a
+    CSV with `uri` (the absolute path) and `label` (the pitch class name). Returns (audio paths, labels path).
+    """
+    if not 2 <= classes <= len(PITCH_CLASSES):
+        raise ValueError(f"classes={classes}: 2 to {len(PITCH_CLASSES)} pitch classes are available")
+    if per_class < 1:
+        raise ValueError(f"per_class={per_class}: must be at least 1")
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, rows = [], []
+    for c, (name, freq) in enumerate(list(PITCH_CLASSES.items())[:classes]):
+        for k in range(per_class):
+            x = labelled_tone(freq, duration_s, sample_rate, seed=seed + 1000 * c + k)
+            path = write_audio(
+                folder / f"{name.replace('#', 's')}_{k:03d}{EXTENSIONS[fmt]}", x, sample_rate, fmt
+            )
+            paths.append(path)
+            rows.append((str(path), name))
+    labels = folder / labels_name
+    with open(labels, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["uri", "label"])
+        writer.writerows(rows)
+    return paths, labels

@@ -75,6 +75,10 @@ def ray_local():
     # Inputs named with these markers make the isolated decoder child crash or hang (pipeline.decoder).
     os.environ["MERT_PIPELINE_FAULT_INJECTION"] = "crash:__crash_me__,hang:__hang_me__"
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": always a new local Ray, never a `ray start` cluster that another test (or a person)
+        # left running on this machine (ray.init would join it and refuse num_cpus)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     yield ray
     ray.shutdown()
