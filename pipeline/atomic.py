@@ -115,9 +115,15 @@ def write_whole(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
         _local_write(uri, path, data, replace=True)
         return
     try:
-        fs.pipe_file(path, data, **_one_request(fs, data))
+        put_whole(fs, path, data)
     except Exception as exc:
         raise _write_error(uri, exc, storage_options) from exc
+
+
+def put_whole(fs: Any, path: str, data: bytes) -> None:
+    """On an object store's filesystem: `data` as one request (never `fs.open(path, "wb")`, whose `__exit__`
+    uploads what was buffered even when the block raised). Exceptions are the filesystem's own."""
+    fs.pipe_file(path, data, **_one_request(fs, data))
 
 
 @contextlib.contextmanager

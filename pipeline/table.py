@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import __version__
+from pipeline.atomic import put_whole
 from pipeline.errors import PipelineError
 from pipeline.storage import get_fs
 
@@ -180,9 +181,8 @@ class FeatureTable:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        else:  # one PUT: object stores make it visible whole
-            with self.fs.open(path, "wb") as f:
-                f.write(data)
+        else:  # one request: object stores make it visible whole, and an interrupted write leaves the old object
+            put_whole(self.fs, path, data)
 
     def _write_json(self, path: str, obj: dict) -> None:
         self._write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())

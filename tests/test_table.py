@@ -262,3 +262,37 @@ def test_select_work_skips_settled_inputs_and_retries_transient_errors():
     assert [i.recording_id for i in todo] == ["changed", "flaky", "new"] and skipped == 3
     todo, skipped = select_work(items, led, retry_errors=True)
     assert [i.recording_id for i in todo] == ["changed", "flaky", "broken", "new"] and skipped == 2
+
+
+def test_an_interrupted_rewrite_on_s3_keeps_the_committed_file(s3_options, s3_bucket):
+    """A signal or an exception while a committed file is rewritten (vacuum, compact) must leave the old bytes:
+    fsspec's `with fs.open(path, "wb")` uploaded what it had buffered (a 0-byte file that stopped the layer from
+    reading); the table now writes each file as one request."""
+    t = FeatureTable(f"s3://{s3_bucket}/t", s3_options)
+    t.check_writable()
+    t.init_or_check(META)
+    commit(t, "r1", 0, {"a": ("f1", "ok")}, 1.0, 100)
+    path = f"{t.layer_dir(0)}/r1-00000.parquet"
+    before = t.fs.cat_file(path)
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted  # like the SIGTERM handler raising in the middle of the write
+
+    real_open, real_pipe = t.fs.open, t.fs.pipe_file
+
+    def open_(p, mode="rb", **kw):  # a streamed write is interrupted after it began
+        f = real_open(p, mode, **kw)
+        if "w" in mode:
+            f.write = interrupted
+        return f
+
+    t.fs.open, t.fs.pipe_file = open_, interrupted  # a one-request write is interrupted before it lands
+    with pytest.raises(Interrupted):
+        t.write_parquet(path, layer_rows("r1", 0, {"a": 2}, 7.0))
+    t.fs.open, t.fs.pipe_file = real_open, real_pipe
+    t.fs.invalidate_cache()
+    assert t.fs.cat_file(path) == before
+    assert t.read_layer(0).num_rows == 2
