@@ -122,7 +122,12 @@ class RunInterrupted(RunEnded):
     """SIGTERM or SIGINT ended the run at a commit boundary: the finished work is committed, a rerun resumes."""
 
 
-class RunIdTaken(PipelineError):
+class UsageError(PipelineError):
+    """What the command was given cannot be used (a labels file without its columns, a query checkpoint that is
+    not the table's, a path that is not a table): exit 2, like an invalid option."""
+
+
+class RunIdTaken(UsageError):
     """The run id already names a run or a shard in the table: a run never overwrites another run's files."""
 
 
@@ -149,7 +154,7 @@ def exit_code(exc: BaseException | None) -> ExitCode:
         return ExitCode.STOPPED
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.KEYBOARD
-    if isinstance(exc, (ValueError, RunIdTaken)):
+    if isinstance(exc, (ValueError, UsageError)):
         return ExitCode.USAGE
     if isinstance(exc, PipelineError):
         from pipeline.table import LeaseHeld  # the table imports this module

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline.errors import PipelineError
+from pipeline.errors import UsageError
 from pipeline.probe import recording_vectors
 from pipeline.storage import canonical_uri, scheme_of
 from pipeline.table import FeatureTable, weighted_mean
@@ -67,11 +67,11 @@ def embed_query(
 
     meta = table.read_meta()
     if meta is None:
-        raise PipelineError(f"{table.root} is not a feature table (no _table.json)")
+        raise UsageError(f"{table.root} is not a feature table (no _table.json)")
     cfg = meta["config"]
     loaded = load_model(model)
     if loaded.content_hash != cfg.get("model_content_hash"):
-        raise PipelineError(
+        raise UsageError(
             f"the checkpoint {model} (content {loaded.content_hash[:16]}) is not the one {table.root} was built "
             f"with (content {str(cfg.get('model_content_hash'))[:16]}); give that checkpoint with --model, or "
             "query by recording id"
@@ -80,7 +80,7 @@ def embed_query(
     import torch
 
     if compute != "float32" and not torch.cuda.is_available():
-        raise PipelineError(
+        raise UsageError(
             f"{table.root} was computed in {compute}, which needs a GPU; this machine has none, so a query "
             "embedded here would not match the table: query by recording id, or run this on a GPU"
         )
@@ -106,9 +106,9 @@ def embed_query(
         with stream:
             waves = [s.samples for s in stream]
     except TooShort as exc:
-        raise PipelineError(f"query {audio}: {exc}") from None
+        raise UsageError(f"query {audio}: {exc}") from None
     except InputFault as exc:
-        raise PipelineError(f"cannot read the query {audio}: {exc}") from None
+        raise UsageError(f"cannot read the query {audio}: {exc}") from None
     outs = emb.embed_segments(waves, batch_size=batch_size)  # each (1, D)
     vecs = np.stack([o[0].astype(np.float32) for o in outs])
     frames = np.array([emb.frames(len(w)) for w in waves], dtype=np.float64)
@@ -155,11 +155,9 @@ def neighbors(
     table = FeatureTable(table_uri, storage_options)
     meta = table.read_meta()
     if meta is None:
-        raise PipelineError(
-            f"{table_uri} is not a feature table (no _table.json): give the table's root folder"
-        )
+        raise UsageError(f"{table_uri} is not a feature table (no _table.json): give the table's root folder")
     if layer not in table.layers():
-        raise PipelineError(f"{table_uri} has no layer {layer}; it holds layers {table.layers()}")
+        raise UsageError(f"{table_uri} has no layer {layer}; it holds layers {table.layers()}")
     lookup, uris = _table_lookup(table)
     ids, vectors = recording_vectors(table, layer)
     rid = lookup.get(query) or (lookup.get(canonical_uri(query)) if scheme_of(query) == "file" else None)
@@ -171,12 +169,12 @@ def neighbors(
     else:
         local = scheme_of(query) == "file"
         if local and not os.path.exists(query[len("file://") :] if query.startswith("file://") else query):
-            raise PipelineError(
+            raise UsageError(
                 f"query {query} is neither a recording of {table_uri} (by recording_id or uri) nor an audio file "
                 "that exists: give a recording id (see `mert-pipeline read`) or an audio file"
             )
         if model is None:
-            raise PipelineError(
+            raise UsageError(
                 f"query {query} is not a recording of {table_uri}: to embed it on the fly give the table's "
                 "checkpoint with --model (it must have the table's content hash)"
             )

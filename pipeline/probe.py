@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import UsageError
 from pipeline.storage import canonical_uri, get_fs
 from pipeline.table import FeatureTable
 
@@ -127,9 +127,9 @@ def _read_label_table(path: str, storage_options: dict | None) -> pa.Table:
                 convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
             )
     except FileNotFoundError:
-        raise PipelineError(f"labels file {path} does not exist: check the path") from None
+        raise UsageError(f"labels file {path} does not exist: check the path") from None
     except (pa.ArrowInvalid, OSError) as exc:
-        raise PipelineError(
+        raise UsageError(
             f"cannot read the labels file {path}: {type(exc).__name__}: {exc}; give a CSV or Parquet file with "
             "columns recording_id (or uri), label and optionally split"
         ) from None
@@ -137,7 +137,7 @@ def _read_label_table(path: str, storage_options: dict | None) -> pa.Table:
 
 def read_labels(path: str, table: FeatureTable, storage_options: dict | None = None) -> Labels:
     """Read a labels file and match its rows to the table's `ok` recordings (by recording_id, else by uri; a
-    local path matches its file:// URI). Raises PipelineError for missing columns, empty or conflicting labels,
+    local path matches its file:// URI). Raises UsageError (exit 2) for missing columns, empty or conflicting labels,
     unknown split names, no match at all, or a single class."""
     t = _read_label_table(path, storage_options)
     cols = set(t.column_names)
@@ -146,7 +146,7 @@ def read_labels(path: str, table: FeatureTable, storage_options: dict | None = N
         missing = (["recording_id (or uri)"] if key is None else []) + (
             ["label"] if "label" not in cols else []
         )
-        raise PipelineError(
+        raise UsageError(
             f"labels file {path} lacks the column(s) {', '.join(missing)}; it has {sorted(cols) or 'none'}. "
             "Give recording_id (the table's id, see `mert-pipeline read`) or uri, and label (tags separated by "
             "'|' for multi-label), and optionally split (train, valid, test)"
@@ -173,7 +173,7 @@ def read_labels(path: str, table: FeatureTable, storage_options: dict | None = N
     for row, (k, v) in enumerate(zip(keys, raw, strict=True)):
         tag = tuple(sorted({s.strip() for s in str(v).split("|") if s.strip()})) if v is not None else ()
         if not k or not tag:
-            raise PipelineError(
+            raise UsageError(
                 f"labels file {path}, row {row + 2}: empty {key if not k else 'label'}; every row needs "
                 f"{key} and label"
             )
@@ -181,7 +181,7 @@ def read_labels(path: str, table: FeatureTable, storage_options: dict | None = N
         if splits is not None:
             name = (splits[row] or "").strip().lower()
             if name not in SPLITS:
-                raise PipelineError(
+                raise UsageError(
                     f"labels file {path}, row {row + 2}: split {splits[row]!r} is not one of train, valid, test"
                 )
             sp = SPLITS[name]
@@ -192,7 +192,7 @@ def read_labels(path: str, table: FeatureTable, storage_options: dict | None = N
         if rid in seen:
             j = seen[rid]
             if tags[j] != tag or (sp is not None and split_out[j] != sp):
-                raise PipelineError(
+                raise UsageError(
                     f"labels file {path}: {k} appears twice with different labels or splits "
                     f"({'|'.join(tags[j])} vs {'|'.join(tag)}); give one row per recording"
                 )
@@ -204,14 +204,14 @@ def read_labels(path: str, table: FeatureTable, storage_options: dict | None = N
             split_out.append(sp)
     if not ids:
         example = sorted(lookup)[:1]
-        raise PipelineError(
+        raise UsageError(
             f"labels file {path}: none of its {len(keys)} {key}s matches a recording of {table.root} "
             f"(e.g. {keys[0]!r}; the table has ids like {example[0] if example else 'none: it holds no ok recording'}"
             f"). Use the table's recording_id or the uri it was read from"
         )
     classes = sorted({c for t_ in tags for c in t_})
     if len(set(tags)) < 2:
-        raise PipelineError(
+        raise UsageError(
             f"labels file {path}: every matched recording ({len(ids)}) has the label {'|'.join(tags[0])!r}; a "
             "probe needs at least two classes"
         )
@@ -250,7 +250,7 @@ def recording_vectors(
     float32 or float16), the (N, D) result and a chunk of ROWS_PER_CHUNK rows in float64."""
     meta = table.read_meta()
     if meta is None:
-        raise PipelineError(f"{table.root} is not a feature table (no _table.json)")
+        raise UsageError(f"{table.root} is not a feature table (no _table.json)")
     dim, granularity = int(meta["dim"]), meta["config"]["granularity"]
     t = table.read_layer(layer, ["recording_id", "n_frames", "embedding"])
     rid = np.asarray(t.column("recording_id").to_numpy(zero_copy_only=False)).astype(object)
@@ -279,7 +279,7 @@ def recording_vectors(
         return [str(r) for r in uniq.tolist()], vectors
     missing = [r for r in ids if r not in where]
     if missing:
-        raise PipelineError(
+        raise UsageError(
             f"{table.root} layer {layer}: no rows for {len(missing)} recording(s) the ledger has as ok "
             f"(e.g. {missing[0]}); run `mert-pipeline vacuum` or rerun the table's job"
         )
@@ -318,7 +318,7 @@ def plan_splits(
         names = np.asarray(given)
         train, valid, test = (np.flatnonzero(names == s) for s in ("train", "valid", "test"))
         if len(train) == 0 or len(test) == 0:
-            raise PipelineError(
+            raise UsageError(
                 f"the split gives {len(train)} train and {len(test)} test recordings: both must be non-empty"
             )
         if len(valid) == 0:
@@ -326,7 +326,7 @@ def plan_splits(
             valid, train = train[f == 0], train[f != 0]
         return "given", [Fold(np.sort(train), np.sort(valid), np.sort(test))]
     if n < 2 * folds:
-        raise PipelineError(
+        raise UsageError(
             f"{n} labelled recordings are too few for {folds}-fold probing (at least {2 * folds}); label more "
             "recordings or lower --folds"
         )
@@ -449,7 +449,7 @@ def _device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(
+        raise UsageError(
             f"device {name!r} asked for, but CUDA is not available here: use --device cpu or auto"
         )
     return torch.device(name)
@@ -666,14 +666,12 @@ def run_probe(
     table = FeatureTable(table_uri, storage_options)
     meta = table.read_meta()
     if meta is None:
-        raise PipelineError(
-            f"{table_uri} is not a feature table (no _table.json): give the table's root folder"
-        )
+        raise UsageError(f"{table_uri} is not a feature table (no _table.json): give the table's root folder")
     held = table.layers()
     layers = list(cfg.layers) if cfg.layers is not None else held
     absent = [i for i in layers if i not in held]
     if absent or not layers:
-        raise PipelineError(f"{table_uri} has no layer(s) {absent or layers}; it holds layers {held}")
+        raise UsageError(f"{table_uri} has no layer(s) {absent or layers}; it holds layers {held}")
     labels = read_labels(labels_path, table, storage_options)
     y = labels.targets()
     multi = labels.multi_label
@@ -683,7 +681,7 @@ def run_probe(
     for k, f in enumerate(folds):
         present = np.unique(y[f.train]) if not multi else np.flatnonzero(y[f.train].sum(0))
         if len(present) < 2:
-            raise PipelineError(
+            raise UsageError(
                 f"fold {k}: the train split holds a single class ({labels.classes[int(present[0])]}); a probe "
                 "needs at least two: label more recordings of the other classes"
             )
