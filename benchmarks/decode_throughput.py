@@ -61,9 +61,8 @@ def throughput(folder: Path, seconds: float) -> list[dict]:
     import torch
 
     from pipeline import synth
-    from pipeline.audio import read_segments
+    from pipeline.audio import DecoderProcess, read_segments
     from pipeline.config import SegmentConfig
-    from pipeline.decoder import DecoderProcess
 
     torch.set_num_threads(1)
     rows = []

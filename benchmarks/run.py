@@ -230,9 +230,8 @@ def cpu_stage(files: list[Path], sample_rate: int, window_s: float) -> dict:
     seconds per wall second, and per CPU second of this process plus the decoder child (the per-core rate)."""
     import torch
 
-    from pipeline.audio import read_segments
+    from pipeline.audio import DecoderProcess, read_segments
     from pipeline.config import SegmentConfig
-    from pipeline.decoder import DecoderProcess
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -326,7 +325,7 @@ _WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from pipeline import stages
     from pipeline.config import SegmentConfig
-    from pipeline.decoder import default_decoder
+    from pipeline.audio import default_decoder
 
     def hwm(pid="self"):  # peak RSS of a live process, MB (VmHWM: unlike ru_maxrss, not inherited across exec)
         for line in open(f"/proc/{pid}/status"):

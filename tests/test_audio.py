@@ -19,9 +19,8 @@ import torch
 import torchaudio
 
 from pipeline import synth
-from pipeline.audio import StreamResampler, decode_audio, read_segments
+from pipeline.audio import FAULT_ENV, DecoderProcess, StreamResampler, decode_audio, read_segments
 from pipeline.config import SegmentConfig
-from pipeline.decoder import FAULT_ENV, DecoderProcess
 from pipeline.errors import (
     DecodeError,
     DecoderCrashed,

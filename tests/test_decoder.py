@@ -17,9 +17,15 @@ from pathlib import Path
 import pytest
 
 from pipeline import synth
-from pipeline.audio import MAX_SOURCE_RATE_HZ, MIN_SOURCE_RATE_HZ, read_segments
+from pipeline.audio import (
+    FAULT_ENV,
+    MAX_SOURCE_RATE_HZ,
+    MIN_SOURCE_RATE_HZ,
+    PARENT_ENV,
+    DecoderProcess,
+    read_segments,
+)
 from pipeline.config import SegmentConfig
-from pipeline.decoder import FAULT_ENV, PARENT_ENV, DecoderProcess
 from pipeline.errors import DecodeError, InputFault, InputNotFound, StorageError
 from pipeline.stages import decode_input
 
@@ -229,7 +235,7 @@ _PARENT = textwrap.dedent("""
     import sys
     from pipeline.audio import read_segments
     from pipeline.config import SegmentConfig
-    from pipeline.decoder import DecoderProcess
+    from pipeline.audio import DecoderProcess
     dec = DecoderProcess(stall_s=3600)
     list(read_segments(sys.argv[1], sample_rate=16000, segments=SegmentConfig(), decoder=dec))  # starts the child
     print(dec.pid, flush=True)
@@ -259,7 +265,7 @@ def test_a_decoder_child_stuck_in_a_decode_dies_with_its_parent(tmp_path: Path) 
     try:
         child = int(parent.stdout.readline())
         with open(f"/proc/{child}/cmdline", "rb") as f:
-            assert b"pipeline.decoder" in f.read()
+            assert b"pipeline.audio" in f.read()
         time.sleep(1.0)  # the child is now sleeping inside the injected hang
         assert _alive(child) and parent.poll() is None
         parent.kill()
@@ -281,7 +287,7 @@ def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
     # that its parent is a pid that is not its parent (the init process)
     env = dict(os.environ, PYTHONPATH=str(REPO), **{PARENT_ENV: "1"})
     child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.decoder"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        [sys.executable, "-m", "pipeline.audio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
     )
     try:
         assert child.wait(timeout=30) == 0
