@@ -297,3 +297,41 @@ def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
             child.wait()
         child.stdin.close()
         child.stdout.close()
+
+
+def test_the_decoder_child_imports_neither_torch_nor_pyarrow(tmp_path: Path) -> None:
+    """The child decodes and resamples a real file importing only numpy, av, fsspec and pipeline's audio
+    package (every module it imports, listed by -X importtime, while it serves one request)."""
+    import pickle
+
+    path = synth.write_audio(tmp_path / "a.m4a", synth.music_like(3.0, 44100, 2, seed=4), 44100, "m4a")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    req = pickle.dumps({"uri": str(path), "storage_options": None, "chunk_s": 2.0, "sample_rate": 24000})
+    hdr = struct.Struct(">cI")
+    child = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "pipeline.audio"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        child.stdin.write(hdr.pack(b"O", len(req)) + req)
+        child.stdin.flush()
+        kinds = []
+        while not kinds or kinds[-1] not in (b"E", b"F"):
+            kind, length = hdr.unpack(child.stdout.read(hdr.size))
+            child.stdout.read(length)
+            kinds.append(kind)
+        child.stdin.write(hdr.pack(b"Q", 0))
+        child.stdin.close()
+        stderr = child.stderr.read().decode()
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert kinds[0] == b"H" and kinds[-1] == b"E" and b"C" in kinds
+    modules = {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines() if "|" in line}
+    assert {"numpy", "av", "fsspec", "pipeline"} <= modules
+    assert not modules & {"torch", "pyarrow", "transformers", "torchaudio", "ray", "pandas"}, sorted(modules)

@@ -4,9 +4,9 @@ or imports torch or pyarrow. Each module imports only those listed before it:
   container.py  structure checks at the end of a file (cut short, trailing bytes): WAV/AIFF, MP4, ASF, Ogg
   resample.py   StreamResampler: torchaudio's default sinc filter as a polyphase bank, any rate, bounded memory
   segments.py   THE segment rule (segment_bounds) and its streaming form (Segmenter)
-  decode.py     LocalDecoder: fsspec open + PyAV decode + downmix at the source rate; SourceInfo; fault kinds
+  decode.py     LocalDecoder: fsspec open + PyAV decode + downmix + resample, in chunks; SourceInfo; fault kinds
   isolate.py    DecoderProcess: the decoder child (`python -m pipeline.audio`) and its pipe protocol
-  stream.py     read_segments / SegmentStream (decode -> resample -> segment) and decode_audio
+  stream.py     read_segments / SegmentStream (decode + resample, isolated or not -> segment), decode_audio
 
     with read_segments(uri, sample_rate=24000, segments=SegmentConfig()) as stream:
         for seg in stream:            # Segment(index, start_s, duration_s, samples (N,) float32)

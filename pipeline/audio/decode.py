@@ -1,5 +1,6 @@
-"""Decoding in this process: open an input through fsspec, decode it with PyAV incrementally and downmix to mono
-at the SOURCE rate (LocalDecoder), with what decoded described by SourceInfo.
+"""Decoding in this process: open an input through fsspec, decode it with PyAV incrementally, downmix to mono
+(straight into the chunk being filled) and resample to the model's rate as it decodes (LocalDecoder), with what
+decoded described by SourceInfo.
 
 Where a failure happened decides its kind: FFmpeg reads through _DemuxerIO, so only a read or seek that the
 STORAGE layer failed is a storage fault (transient or not, as pipeline.storage.storage_fault says); an impossible
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.audio.container import tail_check
+from pipeline.audio.resample import StreamResampler
 from pipeline.errors import DecodeError, DecodeTimeout, EmptyAudio, InputFault, NoAudioStream, NonFiniteAudio
 from pipeline.storage import get_fs, storage_fault
 
@@ -110,6 +112,45 @@ def _frame_to_mono(frame: Any) -> np.ndarray:
     if name == "dbl":
         return arr.mean(axis=0).astype(np.float32)
     return x.mean(axis=0, dtype=np.float32)
+
+
+# PyAV sample formats the fast downmix handles (1 or 2 channels): numpy dtype and the scale to [-1, 1]
+_FAST_FORMATS = {"flt": (np.float32, None), "s16": (np.int16, 2.0**-15), "s32": (np.int32, 2.0**-31)}
+
+
+def downmix_into(frame: Any, out: np.ndarray) -> None:
+    """A PyAV AudioFrame's mono mix (mean over channels, integers scaled to [-1, 1]) written into `out`
+    ((frame.samples,) float32), in one or two numpy passes over the frame's planes.
+
+    Mono and stereo float32, int16 and int32 frames (what the MP3, AAC, Vorbis, Opus and FLAC decoders and most
+    WAVs give) take the fast path; its result is bit for bit _frame_to_mono's (tested): the sum of two scaled
+    integers is exact in float32, and scaling by a power of two commutes with rounding. Anything else goes
+    through _frame_to_mono.
+    """
+    fmt = frame.format
+    n = frame.samples
+    ch = frame.layout.nb_channels
+    fast = _FAST_FORMATS.get(fmt.packed.name) if ch <= 2 else None
+    if fast is None:
+        out[:] = _frame_to_mono(frame)
+        return
+    dtype, scale = fast
+    if fmt.is_planar:
+        planes = [np.frombuffer(frame.planes[c], dtype=dtype, count=n) for c in range(ch)]
+    else:
+        interleaved = np.frombuffer(frame.planes[0], dtype=dtype, count=n * ch)
+        planes = [interleaved[c::ch] for c in range(ch)]
+    if ch == 1:
+        out[:] = planes[0]
+    elif scale is None:  # float stereo: +0.0 first, so that -0.0 + -0.0 gives +0.0 as the mean does
+        np.add(planes[0], 0.0, out=out)
+        out += planes[1]
+        scale = 0.5
+    else:
+        np.add(planes[0], planes[1], out=out, dtype=np.float32)
+        scale *= 0.5
+    if scale is not None:
+        out *= np.float32(scale)
 
 
 class _DemuxerIO:
@@ -235,10 +276,18 @@ def _open_input(uri: str, storage_options: dict | None) -> tuple[Any, int]:
         raise storage_fault(uri, exc) from None
 
 
+def _grown(buf: np.ndarray, used: int, need: int) -> np.ndarray:
+    """`buf` with room for `need` samples, its first `used` kept."""
+    new = np.empty(max(need, 2 * buf.size), dtype=np.float32)
+    new[:used] = buf[:used]
+    return new
+
+
 class LocalDecoder:
-    """Decode one input in this process: `info` after construction, then `chunks()` of (n,) float32 mono at the
-    SOURCE rate (about `chunk_s` seconds each); when the chunks are exhausted `info.duration_s`, `truncated` and
-    `warning` are final. Raises InputFault subclasses at construction or during iteration.
+    """Decode one input in this process: `info` after construction, then `chunks()` of (n,) float32 mono at
+    `rate` Hz (about `chunk_s` seconds of source audio each): `sample_rate` (resampled by StreamResampler as they
+    are decoded), or the source rate when it is None. When the chunks are exhausted `info.duration_s`,
+    `truncated` and `warning` are final. Raises InputFault subclasses at construction or during iteration.
 
     This is what the decoder child (pipeline.audio.isolate) runs; read_segments(isolate=False) runs it here.
     """
@@ -249,10 +298,13 @@ class LocalDecoder:
         storage_options: dict | None = None,
         chunk_s: float = 2.0,
         time_limit_s: float | None = None,
+        sample_rate: int | None = None,
     ):
         import av
         import av.logging
 
+        if sample_rate is not None and not (isinstance(sample_rate, int) and sample_rate > 0):
+            raise ValueError(f"sample_rate={sample_rate!r}: must be a positive integer number of Hz, or None")
         self.uri = uri
         self.chunk_s = chunk_s
         self.time_limit_s = time_limit_s
@@ -315,6 +367,7 @@ class LocalDecoder:
                 container=self._container.format.name,
                 duration_s=None,
             )
+            self.rate = sample_rate or rate  # the rate of the chunks
         except BaseException:
             self.close()
             raise
@@ -328,13 +381,29 @@ class LocalDecoder:
             )
 
     def chunks(self) -> Iterator[np.ndarray]:
+        """(n,) float32 mono chunks at `rate` Hz; sets info.duration_s/truncated/warning at the end."""
+        if self.rate == self.info.sample_rate:
+            yield from self._source_chunks()
+            return
+        resampler = StreamResampler(self.info.sample_rate, self.rate)
+        for chunk in self._source_chunks():
+            out = resampler.push(chunk)
+            if out.size:
+                yield out
+        tail = resampler.flush()
+        if tail.size:
+            yield tail
+
+    def _source_chunks(self) -> Iterator[np.ndarray]:
         """(n,) float32 mono chunks at info.sample_rate; sets info.duration_s/truncated/warning at the end."""
         import av
         import av.logging
 
         uri, info = self.uri, self.info
         target = max(1, int(self.chunk_s * info.sample_rate))
-        pending: list[np.ndarray] = []
+        buf = np.empty(
+            target + 8192, dtype=np.float32
+        )  # the chunk being filled: frames are mixed straight in
         n_pending = 0
         total = 0
         error: BaseException | None = None
@@ -361,37 +430,36 @@ class LocalDecoder:
                         error = exc
                         break
                     for frame in frames:
-                        x = _frame_to_mono(frame)
-                        if not np.isfinite(x).all():
-                            bad = total + n_pending + int(np.argmin(np.isfinite(x)))
-                            raise NonFiniteAudio(
-                                uri,
-                                f"non-finite samples (NaN or inf) at {bad / info.sample_rate:.3f} s",
-                                "the file's float samples are corrupt; re-export it",
-                            )
-                        pending.append(x)
-                        n_pending += x.size
+                        if n_pending + frame.samples > buf.size:
+                            buf = _grown(buf, n_pending, n_pending + frame.samples)
+                        downmix_into(frame, buf[n_pending : n_pending + frame.samples])
+                        n_pending += frame.samples
                     if n_pending >= target:
-                        chunk = np.concatenate(pending) if len(pending) > 1 else pending[0]
-                        pending, n_pending = [], 0
+                        chunk = buf[:n_pending]
+                        self._check_finite(chunk, total)
+                        buf, n_pending = np.empty(target + 8192, dtype=np.float32), 0
                         total += chunk.size
                         self._check_time()
                         yield chunk
+                if n_pending:
+                    self._check_finite(buf[:n_pending], total)
                 # flush the decoder (frames held back by codec delay)
                 if error is None:
                     try:
                         for frame in self._stream.decode(None):
                             x = _frame_to_mono(frame)
                             if np.isfinite(x).all():
-                                pending.append(x)
+                                if n_pending + x.size > buf.size:
+                                    buf = _grown(buf, n_pending, n_pending + x.size)
+                                buf[n_pending : n_pending + x.size] = x
                                 n_pending += x.size
                     except av.FFmpegError:
                         pass
                 logged = [str(m[2]).strip() for m in logs if m[0] <= av.logging.ERROR]
         finally:
             av.logging.set_level(level)
-        if pending:
-            chunk = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        if n_pending:
+            chunk = buf[:n_pending]
             total += chunk.size
             yield chunk
         info.duration_s = total / info.sample_rate
@@ -422,6 +490,17 @@ class LocalDecoder:
         if reasons:
             info.truncated = True
             info.warning = f"{uri}: kept the {info.duration_s:.2f} s that decoded; " + "; ".join(reasons)
+
+    def _check_finite(self, chunk: np.ndarray, start: int) -> None:
+        """Raise NonFiniteAudio naming the first NaN or inf of `chunk` (its first sample is sample `start`)."""
+        finite = np.isfinite(chunk)
+        if not finite.all():
+            bad = start + int(np.argmin(finite))
+            raise NonFiniteAudio(
+                self.uri,
+                f"non-finite samples (NaN or inf) at {bad / self.info.sample_rate:.3f} s",
+                "the file's float samples are corrupt; re-export it",
+            )
 
     def close(self) -> None:
         if self._container is not None:

@@ -1,5 +1,5 @@
-"""An input as a stream of model-sized segments: decode (in the isolated child by default, or in this process),
-resample to the model's rate and cut into segments, with memory bounded by a few windows whatever the
+"""An input as a stream of model-sized segments: decode and resample to the model's rate (in the isolated child by
+default, or in this process: pipeline.audio.decode.LocalDecoder does both) and cut into segments here, with memory bounded by a few windows whatever the
 recording's length (read_segments, SegmentStream); and the whole recording at once for tests and benchmarks
 (decode_audio). Every failure is an InputFault subclass (pipeline.errors) whose message names the input, the
 cause and what to do; a recording that yields no segment raises TooShort (ledger status `too_short`).
@@ -14,7 +14,6 @@ import numpy as np
 
 from pipeline.audio.decode import LocalDecoder, SourceInfo
 from pipeline.audio.isolate import DecoderProcess, default_decoder
-from pipeline.audio.resample import StreamResampler
 from pipeline.audio.segments import Segment, Segmenter
 from pipeline.config import SegmentConfig
 from pipeline.errors import TooShort
@@ -41,14 +40,17 @@ class SegmentStream:
             raise RuntimeError(f"{self.uri}: a SegmentStream can be iterated once")
         self._iterated = True
         try:
-            resampler = StreamResampler(self.info.sample_rate, self.sample_rate)
+            if self._source.rate != self.sample_rate:
+                raise ValueError(
+                    f"{self.uri}: the source yields {self._source.rate} Hz, the stream wants {self.sample_rate} Hz"
+                )
             segmenter = Segmenter(self.sample_rate, self.segment_config)
             for chunk in self._source.chunks():
-                for seg in segmenter.push(resampler.push(chunk)):
+                for seg in segmenter.push(chunk):
                     self.num_segments += 1
                     yield seg
             self.info = self._source.info
-            for seg in segmenter.push(resampler.flush()) + segmenter.finish():
+            for seg in segmenter.finish():
                 self.num_segments += 1
                 yield seg
             if self.num_segments == 0:
@@ -94,12 +96,20 @@ def read_segments(
     crash becomes DecoderCrashed and a stall or more than `time_limit_s` seconds of decoding DecodeTimeout.
     Raises InputFault subclasses at open; the stream raises them during iteration.
     """
-    source: Any  # the child's _RemoteSource, or a LocalDecoder: the same .info/.chunks()/.close()
+    source: Any  # the child's _RemoteSource, or a LocalDecoder: the same .info/.rate/.chunks()/.close()
     if isolate:
         dec = decoder if decoder is not None else default_decoder()
-        source = dec.open(uri, storage_options=storage_options, time_limit_s=time_limit_s, chunk_s=chunk_s)
+        source = dec.open(
+            uri,
+            storage_options=storage_options,
+            time_limit_s=time_limit_s,
+            chunk_s=chunk_s,
+            sample_rate=sample_rate,
+        )
     else:
-        source = LocalDecoder(uri, storage_options, chunk_s=chunk_s, time_limit_s=time_limit_s)
+        source = LocalDecoder(
+            uri, storage_options, chunk_s=chunk_s, time_limit_s=time_limit_s, sample_rate=sample_rate
+        )
     return SegmentStream(source, uri, sample_rate, segments)
 
 
@@ -114,14 +124,13 @@ def decode_audio(
     """The whole recording as (N,) float32 mono at `sample_rate` Hz (None = the source rate), and its SourceInfo.
     For tests, benchmarks and parity checks: holds the whole recording in memory."""
     if isolate:
-        source: Any = default_decoder().open(uri, storage_options=storage_options, time_limit_s=time_limit_s)
+        source: Any = default_decoder().open(
+            uri, storage_options=storage_options, time_limit_s=time_limit_s, sample_rate=sample_rate
+        )
     else:
-        source = LocalDecoder(uri, storage_options, time_limit_s=time_limit_s)
+        source = LocalDecoder(uri, storage_options, time_limit_s=time_limit_s, sample_rate=sample_rate)
     try:
-        rate = sample_rate or source.info.sample_rate
-        resampler = StreamResampler(source.info.sample_rate, rate)
-        parts = [resampler.push(c) for c in source.chunks()]
-        parts.append(resampler.flush())
+        parts = [np.zeros(0, dtype=np.float32), *source.chunks()]
         info = source.info
     finally:
         source.close()
