@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.run                          # random MERT-v1-95M, 2 x 3-minute MP3 tracks
     .venv/bin/python -m benchmarks.run --model DIR --corpus FOLDER --out results.json
+    .venv/bin/python -m benchmarks.run --section cpu            # the CPU stage per format, alone (~1 minute)
+    .venv/bin/python -m benchmarks.run --section model --like MERT-v1-330M --device cuda --dtype bfloat16
 
 On the same corpus and model it measures, in audio seconds per wall second:
   model_only   Embedder.embed on pre-decoded equal-length 5 s segments, batch B, after a warm-up batch, with the
@@ -13,6 +15,9 @@ On the same corpus and model it measures, in audio seconds per wall second:
                embedded block reaching the driver, so without Ray start-up, the actor's model load and the first
                batch);
   naive        the model card's recipe (benchmarks/naive.py) on each whole file;
+  cpu_formats  the CPU stage per format (MP3, FLAC, Vorbis, Opus, M4A, WAV; 3-minute stereo files) against its decode
+               limit, isolation's cost and the worker + child USS, as ratios measured in one run (benchmarks.cpu_stage;
+               alone with --section cpu);
 and peak memory for a short and a long input (1 vs 60 minutes by default): the CPU-stage worker (a fresh process
 through pipeline.stages.decode_input, isolate=True, plus its decoder child) and the whole pipeline run's process
 tree (driver, Ray's processes, decode workers, the actor; PSS summed, sampled with psutil; the long run is stopped
@@ -52,6 +57,7 @@ from benchmarks.common import (
     peak_flops,
     versions,
 )
+from benchmarks.cpu_stage import cpu_section, print_cpu_section
 
 GOAL_FED = 0.85  # pipeline >= 0.85 x model-only
 GOAL_MEMORY = 1.5  # peak memory, long input <= 1.5 x short input
@@ -230,9 +236,8 @@ def cpu_stage(files: list[Path], sample_rate: int, window_s: float) -> dict:
     seconds per wall second, and per CPU second of this process plus the decoder child (the per-core rate)."""
     import torch
 
-    from pipeline.audio import read_segments
+    from pipeline.audio import DecoderProcess, read_segments
     from pipeline.config import SegmentConfig
-    from pipeline.decoder import DecoderProcess
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -240,7 +245,10 @@ def cpu_stage(files: list[Path], sample_rate: int, window_s: float) -> dict:
     dec = DecoderProcess()
     try:
         with read_segments(str(files[0]), sample_rate=sample_rate, segments=seg, decoder=dec) as stream:
-            next(iter(stream))  # start the child outside the timing: a worker reuses it across inputs
+            for (
+                _
+            ) in stream:  # start the child outside the timing (a worker reuses it across inputs); a stream
+                pass  # abandoned midway stops the child, and the timed loop would pay for a new one
         audio = segments = 0
         cpu0, child0, t0 = time.process_time(), _cpu_seconds(dec.pid), time.perf_counter()
         for path in files:
@@ -326,7 +334,7 @@ _WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from pipeline import stages
     from pipeline.config import SegmentConfig
-    from pipeline.decoder import default_decoder
+    from pipeline.audio import default_decoder
 
     def hwm(pid="self"):  # peak RSS of a live process, MB (VmHWM: unlike ru_maxrss, not inherited across exec)
         for line in open(f"/proc/{pid}/status"):
@@ -538,6 +546,8 @@ def summarize(result: dict) -> dict:
         goals["fed_steady"] = ratios["pipeline_steady_over_model_only"] >= GOAL_FED
     if ratios["pipeline_over_naive"] is not None:
         goals["faster_than_naive"] = ratios["pipeline_over_naive"] > 1.0
+    if "cpu_formats" in result:
+        goals["cpu_stage_at_decode_limit"] = result["cpu_formats"]["goals"]["met"]
     mem = result.get("memory") or {}
     w = mem.get("worker") or {}
     if "short" in w and "long" in w:
@@ -558,6 +568,18 @@ def print_report(result: dict) -> None:
     def f(x, unit=""):
         return "-" if x is None else f"{x:g}{unit}"
 
+    if "cpu_formats" in result:
+        print_cpu_section(result["cpu_formats"])
+    if result.get("section") == "cpu":
+        return
+    if result.get("section") == "model":
+        m = result["model_only"]
+        print(
+            f"model only ({result['model']['name']}, batch {m.get('batch_size')}, {m.get('device')} "
+            f"{m.get('dtype')}): {m.get('audio_s_per_s')} audio s/s, {m.get('seconds_per_batch')} s per batch",
+            flush=True,
+        )
+        return
     m, c, p, n = (result.get(k) or {} for k in ("model_only", "cpu_stage", "pipeline", "naive"))
     r = result["summary"]["ratios"]
     lines = [
@@ -626,6 +648,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="registry model whose shapes a random checkpoint takes "
         "(written once under benchmarks/.cache; default %(default)s)",
     )
+    ap.add_argument(
+        "--section",
+        choices=("all", "cpu", "model"),
+        default="all",
+        help="all (default); cpu: the CPU stage per format against its decode limit alone "
+        "(benchmarks.cpu_stage); model: seconds per batch of the embedder alone (--device, --dtype)",
+    )
+    ap.add_argument(
+        "--cpu-seconds",
+        type=float,
+        default=180.0,
+        help="length of each CPU-section file (default %(default)s)",
+    )
+    ap.add_argument(
+        "--cpu-repeats", type=int, default=3, help="interleaved CPU-section rounds (default %(default)s)"
+    )
+    ap.add_argument("--device", default="cpu", help="--section model: cpu or cuda (default %(default)s)")
+    ap.add_argument(
+        "--dtype", default="float32", help="--section model: float32, bfloat16, float16 (default %(default)s)"
+    )
     ap.add_argument("--corpus", help="a folder of audio files (default: generated music-like tracks)")
     ap.add_argument("--tracks", type=int, default=2, help="generated tracks (default %(default)s)")
     ap.add_argument("--track-seconds", type=float, default=180.0, help="length of each (default %(default)s)")
@@ -655,7 +697,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to leave out: model,cpu,pipeline,naive,memory,tree,gpu",
+        help="comma list of parts to leave out: model,cpu,formats,pipeline,naive,memory,tree,gpu",
     )
     ap.add_argument("--gpu-batch-size", type=int, default=64, help="GPU batch size (default %(default)s)")
     ap.add_argument(
@@ -687,6 +729,23 @@ def benchmark(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.section == "cpu":  # no model: only its sample rate
+        from pipeline.registry import REGISTRY
+
+        rate = read_model_config(args.model)[0].sample_rate if args.model else REGISTRY[args.like].sample_rate
+        log(
+            f"[bench] CPU stage per format against its decode limit ({args.cpu_seconds:g} s files, {rate} Hz)"
+        )
+        cpu_only = {
+            "machine": machine(),
+            "versions": versions(),
+            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+            "section": "cpu",
+            "cpu_formats": cpu_section(
+                work / "cpu_formats", rate, args.cpu_repeats, seconds=args.cpu_seconds
+            ),
+        }
+        return _finish(cpu_only, t_start)
     model_dir = ensure_model(args.model, args.like, cache=work)
     spec, config, _ = read_model_config(str(model_dir))
     sr = spec.sample_rate
@@ -703,11 +762,26 @@ def benchmark(args: argparse.Namespace) -> dict:
         "machine": machine(),
         "versions": versions(),
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        "section": args.section,
         "model": {"name": spec.name, "path": str(model_dir), "flops_per_audio_s": flops},
         "corpus": {"path": str(corpus), "files": len(files), "audio_s": None},
         "settings": {"batch_size": args.batch_size, "window_s": args.window, "actor_threads": threads},
     }
+    if args.section == "all" and "formats" not in args.skip:
+        log(f"[bench] CPU stage per format against its decode limit ({args.cpu_seconds:g} s files)")
+        result["cpu_formats"] = cpu_section(
+            work / "cpu_formats", sr, args.cpu_repeats, seconds=args.cpu_seconds
+        )
     segments = decoded_segments(files, sr, args.window, args.batch_size * (args.model_batches + 1))
+    if args.section == "model":
+        log(f"[bench] model only: batch {args.batch_size}, {args.device} {args.dtype}")
+        mo = ModelOnly(
+            model_dir, segments, args.batch_size, threads=threads, device=args.device, dtype=args.dtype
+        )
+        mo.timed(args.model_batches)
+        result["model_only"] = mo.result()
+        mo.close()
+        return _finish(result, t_start)
 
     if "cpu" not in args.skip:
         log("[bench] CPU stage: read + decode + resample + segment, one torch thread, isolated decoder")
@@ -763,6 +837,10 @@ def benchmark(args: argparse.Namespace) -> dict:
         result["memory"] = mem
     if "gpu" not in args.skip and torch.cuda.is_available() and "cpu_stage" in result:
         result["gpu"] = gpu_figures(args, model_dir, corpus, files, segments, result["cpu_stage"], work)
+    return _finish(result, t_start)
+
+
+def _finish(result: dict, t_start: float) -> dict:
     result["summary"] = summarize(result)
     result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["harness_wall_s"] = round(time.perf_counter() - t_start, 1)

@@ -94,8 +94,7 @@ def decode_input(
     `error` row of kind `worker_crash`, so that a file that kills its worker ends the run's retries instead of
     failing the dataset. It is any object with begin(key) -> tries left unfinished before, and end(key).
     """
-    from pipeline.audio import read_segments
-    from pipeline.decoder import injected
+    from pipeline.audio import injected, read_segments
 
     record = {
         "recording_id": recording_id,

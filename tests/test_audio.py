@@ -19,9 +19,8 @@ import torch
 import torchaudio
 
 from pipeline import synth
-from pipeline.audio import StreamResampler, decode_audio, read_segments
+from pipeline.audio import FAULT_ENV, DecoderProcess, StreamResampler, decode_audio, read_segments
 from pipeline.config import SegmentConfig
-from pipeline.decoder import FAULT_ENV, DecoderProcess
 from pipeline.errors import (
     DecodeError,
     DecoderCrashed,
@@ -527,3 +526,75 @@ def test_memory_of_a_60_minute_file_stays_near_a_1_minute_one(tmp_path: Path) ->
     assert big["peak_mb"] <= 1.5 * small["peak_mb"] + 50, (small, big)
     # the fixed cost (torch, PyAV) dominates both: the growth itself must stay within a few windows' worth
     assert big["peak_mb"] - small["peak_mb"] < 64, (small, big)
+
+
+# ------------------------------------------------------------------------ the fast downmix and the child's rate
+
+_DOWNMIX_CASES = [
+    ("wav", 44100, 1, "s16"),
+    ("wav", 44100, 2, "s16"),
+    ("wav", 44100, 2, "s32"),
+    ("wav", 22050, 2, "s24"),
+    ("wav", 44100, 1, "flt"),
+    ("wav", 44100, 2, "flt"),
+    ("wav", 44100, 3, "flt"),
+    ("wav", 8000, 2, "u8"),
+    ("flac", 44100, 2, "s16"),
+    ("flac", 44100, 2, "s24"),
+    ("mp3", 44100, 2, None),
+    ("mp3", 44100, 1, None),
+    ("ogg", 44100, 2, None),
+    ("opus", 48000, 2, None),
+    ("m4a", 44100, 2, None),
+]
+
+
+@pytest.mark.parametrize("fmt,rate,channels,sample_format", _DOWNMIX_CASES)
+def test_fast_downmix_is_bit_for_bit_the_mean(
+    tmp_path: Path, fmt: str, rate: int, channels: int, sample_format: str | None
+) -> None:
+    """downmix_into (planes added straight into the chunk) equals _frame_to_mono (np.stack + mean), bit for
+    bit (the sign of zero included), on every frame of real files, so that features do not move."""
+    import av
+
+    from pipeline.audio.decode import _frame_to_mono, downmix_into
+
+    sig = synth.music_like(2.0, rate, channels, seed=5)
+    sig[:, 1000:3000] = 0.0  # silence: the sign of zero must match too
+    path = synth.write_audio(
+        tmp_path / f"x{synth.EXTENSIONS[fmt]}", sig, rate, fmt, sample_format=sample_format
+    )
+    frames = 0
+    with av.open(str(path)) as container:
+        for frame in container.decode(container.streams.audio[0]):
+            out = np.full(frame.samples, np.nan, dtype=np.float32)
+            downmix_into(frame, out)
+            assert out.tobytes() == _frame_to_mono(frame).tobytes(), (fmt, frame.format.name, frames)
+            frames += 1
+    assert frames > 0
+
+
+def test_the_child_resamples_and_matches_in_process_decoding(tmp_path: Path) -> None:
+    """The decoder child resamples to the requested rate (so the pipe carries model-rate samples) and its chunks
+    join to what LocalDecoder gives in this process, and to decode_audio either way (to float32 rounding: the
+    child's BLAS runs on one thread, and a matrix product's summation order depends on its thread count)."""
+    from pipeline.audio import LocalDecoder
+
+    path = synth.write_audio(tmp_path / "a.mp3", synth.music_like(7.0, 44100, 2, seed=2), 44100, "mp3")
+    local = LocalDecoder(str(path), sample_rate=16000)
+    assert local.rate == 16000 and local.info.sample_rate == 44100
+    want = np.concatenate(list(local.chunks()))
+    local.close()
+    with DecoderProcess() as dec:
+        src = dec.open(str(path), sample_rate=16000)
+        assert src.rate == 16000 and src.info.sample_rate == 44100
+        chunks = list(src.chunks())
+        src.close()
+    assert all(c.dtype == np.float32 for c in chunks) and len(chunks) >= 3
+    got = np.concatenate(chunks)
+    assert got.size == -(-16000 * round(src.info.duration_s * 44100) // 44100)  # ceil(new * n / orig)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    iso, _ = decode_audio(str(path), sample_rate=16000, isolate=True)
+    np.testing.assert_array_equal(iso, got)
+    with pytest.raises(ValueError, match="sample_rate=0"):
+        DecoderProcess().open(str(path), sample_rate=0)

@@ -1,5 +1,6 @@
 """Smoke test of the benchmark harness (benchmarks/run.py): every part runs end to end on a tiny model and three
-6-second files and lands in the JSON result; the FLOP count matches a hand count. Not a timed test."""
+6-second files and lands in the JSON result; the CPU section (--section cpu) and the model section (--section
+model, what embed_batch.py was) run alone; the FLOP count matches a hand count. Not a timed test."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_harness_end_to_end_writes_every_figure(tmp_path):
             "--long-seconds",
             "12",
             "--skip",
-            "tree",
+            "tree,formats",  # the per-format CPU section has its own test below
             "--workdir",
             str(tmp_path / "work"),
             "--out",
@@ -116,3 +117,66 @@ def test_harness_end_to_end_writes_every_figure(tmp_path):
         "faster_than_naive",
         "memory_cpu_stage",
     }
+
+
+def test_cpu_section_alone_reports_every_format_against_its_limit(tmp_path):
+    out = tmp_path / "cpu.json"
+    main(
+        [
+            "--section",
+            "cpu",
+            "--cpu-seconds",
+            "3",
+            "--cpu-repeats",
+            "1",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ]
+    )
+    r = json.loads(out.read_text())
+    rows = r["cpu_formats"]["formats"]
+    assert [row["format"] for row in rows] == ["mp3", "flac", "ogg", "opus", "m4a", "wav"]
+    for row in rows:
+        assert row["audio_s"] == pytest.approx(3.0, abs=0.1), row
+        assert all(v > 0 for v in row["audio_s_per_cpu_s"].values()), row
+        assert row["isolated_over_limit"] > 0 and row["local_over_limit"] > 0
+        assert row["isolation_overhead"] > -1
+        assert row["worker_plus_child_uss_mb"] >= row["worker_uss_mb"] > 0 and row["child_uss_mb"] > 0
+        assert "torch" not in row["worker_imports"]  # a decode worker does not import torch
+    assert set(r["cpu_formats"]["goals"]) == {
+        "isolated_over_limit_max",
+        "isolation_overhead_max",
+        "worker_plus_child_uss_mb_max",
+        "met",
+    }
+    assert r["summary"]["goals"] == {"cpu_stage_at_decode_limit": r["cpu_formats"]["goals"]["met"]}
+
+
+def test_model_section_alone_times_the_embedder(tmp_path):
+    model = write_random_checkpoint(tmp_path / "tiny", like="MERT-v1-95M", size="tiny")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_audio(corpus / "a.flac", music_like(6.0, 44100, channels=2, seed=1), 44100, "flac")
+    out = tmp_path / "model.json"
+    main(
+        [
+            "--section",
+            "model",
+            "--model",
+            str(model),
+            "--corpus",
+            str(corpus),
+            "--batch-size",
+            "1",
+            "--model-batches",
+            "2",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ]
+    )
+    m = json.loads(out.read_text())["model_only"]
+    assert m["timed_batches"] == 2 and m["audio_s_per_s"] > 0 and m["dtype"] == "float32"

@@ -17,9 +17,15 @@ from pathlib import Path
 import pytest
 
 from pipeline import synth
-from pipeline.audio import MAX_SOURCE_RATE_HZ, MIN_SOURCE_RATE_HZ, read_segments
+from pipeline.audio import (
+    FAULT_ENV,
+    MAX_SOURCE_RATE_HZ,
+    MIN_SOURCE_RATE_HZ,
+    PARENT_ENV,
+    DecoderProcess,
+    read_segments,
+)
 from pipeline.config import SegmentConfig
-from pipeline.decoder import FAULT_ENV, PARENT_ENV, DecoderProcess
 from pipeline.errors import DecodeError, InputFault, InputNotFound, StorageError
 from pipeline.stages import decode_input
 
@@ -229,7 +235,7 @@ _PARENT = textwrap.dedent("""
     import sys
     from pipeline.audio import read_segments
     from pipeline.config import SegmentConfig
-    from pipeline.decoder import DecoderProcess
+    from pipeline.audio import DecoderProcess
     dec = DecoderProcess(stall_s=3600)
     list(read_segments(sys.argv[1], sample_rate=16000, segments=SegmentConfig(), decoder=dec))  # starts the child
     print(dec.pid, flush=True)
@@ -259,7 +265,7 @@ def test_a_decoder_child_stuck_in_a_decode_dies_with_its_parent(tmp_path: Path) 
     try:
         child = int(parent.stdout.readline())
         with open(f"/proc/{child}/cmdline", "rb") as f:
-            assert b"pipeline.decoder" in f.read()
+            assert b"pipeline.audio" in f.read()
         time.sleep(1.0)  # the child is now sleeping inside the injected hang
         assert _alive(child) and parent.poll() is None
         parent.kill()
@@ -281,7 +287,7 @@ def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
     # that its parent is a pid that is not its parent (the init process)
     env = dict(os.environ, PYTHONPATH=str(REPO), **{PARENT_ENV: "1"})
     child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.decoder"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        [sys.executable, "-m", "pipeline.audio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
     )
     try:
         assert child.wait(timeout=30) == 0
@@ -291,3 +297,41 @@ def test_a_child_whose_parent_is_already_gone_exits_at_once() -> None:
             child.wait()
         child.stdin.close()
         child.stdout.close()
+
+
+def test_the_decoder_child_imports_neither_torch_nor_pyarrow(tmp_path: Path) -> None:
+    """The child decodes and resamples a real file importing only numpy, av, fsspec and pipeline's audio
+    package (every module it imports, listed by -X importtime, while it serves one request)."""
+    import pickle
+
+    path = synth.write_audio(tmp_path / "a.m4a", synth.music_like(3.0, 44100, 2, seed=4), 44100, "m4a")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    req = pickle.dumps({"uri": str(path), "storage_options": None, "chunk_s": 2.0, "sample_rate": 24000})
+    hdr = struct.Struct(">cI")
+    child = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "pipeline.audio"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        child.stdin.write(hdr.pack(b"O", len(req)) + req)
+        child.stdin.flush()
+        kinds = []
+        while not kinds or kinds[-1] not in (b"E", b"F"):
+            kind, length = hdr.unpack(child.stdout.read(hdr.size))
+            child.stdout.read(length)
+            kinds.append(kind)
+        child.stdin.write(hdr.pack(b"Q", 0))
+        child.stdin.close()
+        stderr = child.stderr.read().decode()
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert kinds[0] == b"H" and kinds[-1] == b"E" and b"C" in kinds
+    modules = {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines() if "|" in line}
+    assert {"numpy", "av", "fsspec", "pipeline"} <= modules
+    assert not modules & {"torch", "pyarrow", "transformers", "torchaudio", "ray", "pandas"}, sorted(modules)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.audio.segments import Segmenter, segment_bounds
 from pipeline.config import SegmentConfig
-from pipeline.segments import Segmenter, segment_bounds
 
 SR = 24000
 
