@@ -72,7 +72,7 @@ def ray_local():
     """One local Ray shared by the tests that do not kill processes (starting one takes ~8 s)."""
     import ray
 
-    # Inputs named with these markers make the isolated decoder child crash or hang (pipeline.decoder).
+    # Inputs named with these markers make the isolated decoder child crash or hang (pipeline.audio.isolate).
     os.environ["MERT_PIPELINE_FAULT_INJECTION"] = "crash:__crash_me__,hang:__hang_me__"
     if not ray.is_initialized():
         # address="local": always a new local Ray, never a `ray start` cluster that another test (or a person)

@@ -269,7 +269,7 @@ def test_unknown_schemes_and_http_unless_allowed(tmp_path: Path, http_root) -> N
         f"size={st.st_size};etag={st.st_size:x}-{st.st_mtime_ns:x};"
         f"last_modified={email.utils.formatdate(st.st_mtime, usegmt=True)}"
     )
-    from pipeline.decoder import default_decoder
+    from pipeline.audio import default_decoder
 
     try:  # in the decoder child, as the engine reads it
         segs, rec = _record(web, isolate=True)
