@@ -7,7 +7,7 @@ the registry (a local fine-tune, a test model) gets a ModelSpec derived from its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The conv front end of every natively built model (wav2vec 2.0 style): a 400-sample receptive field, stride 320.
 CONV_KERNEL: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
@@ -68,6 +68,11 @@ class ModelSpec:
         return "0 = block 1, i = block i+1"
 
 
+_MERT_V2_30S = ModelSpec(
+    "MERT-v2-30s", "m-a-p/MERT-v2-30s", 24000, 25.0, 24, 1024, "remote", False, input_state=False,
+    default_window_s=30.0, context_s=30.0, licence="CC-BY-NC-4.0", gated=True, remote_code=True,
+)  # fmt: skip
+
 REGISTRY: dict[str, ModelSpec] = {
     s.name: s
     for s in (
@@ -78,38 +83,9 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("music2vec-v1", "m-a-p/music2vec-v1", 16000, 50.0, 13, 768, "data2vec-audio", False),
         # September 2026, their own code (not a transformers class): hidden_states[0] is block 1, 30 s context
         # (FullSong continues from 30-s for whole songs of 30-360 s, same interface). CC BY-NC 4.0, gated.
-        ModelSpec(
-            "MERT-v2-30s",
-            "m-a-p/MERT-v2-30s",
-            24000,
-            25.0,
-            24,
-            1024,
-            "remote",
-            False,
-            input_state=False,
-            default_window_s=30.0,
-            context_s=30.0,
-            licence="CC-BY-NC-4.0",
-            gated=True,
-            remote_code=True,
-        ),
-        ModelSpec(
-            "MERT-v2-FullSong",
-            "m-a-p/MERT-v2-FullSong",
-            24000,
-            25.0,
-            24,
-            1024,
-            "remote",
-            False,
-            input_state=False,
-            default_window_s=30.0,
-            context_s=360.0,
-            licence="CC-BY-NC-4.0",
-            gated=True,
-            remote_code=True,
-        ),
+        _MERT_V2_30S,
+        # the same interface and facts, for whole songs: only the name and the context differ
+        replace(_MERT_V2_30S, name="MERT-v2-FullSong", hub_id="m-a-p/MERT-v2-FullSong", context_s=360.0),
     )
 }
 # The models built natively from their config.json (transformers' HubertModel / Data2VecAudioModel).
