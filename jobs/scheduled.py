@@ -165,13 +165,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def _compact(table: str, options: dict | None, ttl_s: float, wait_s: float) -> dict:
     from pipeline.table import FeatureTable
+    from pipeline.table.maintenance import vacuum
 
     t0 = time.time()
-    out = FeatureTable(table, options).compact(ttl_s=ttl_s, wait_s=wait_s)
+    out = vacuum(FeatureTable(table, options), merge=True, ttl_s=ttl_s, wait_s=wait_s)
     print(
-        f"compact {table}: removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
-        f"dropped {out['superseded_rows_dropped']} hidden row(s), merged {out['merged_shards']} small shard(s) "
-        f"into {out['merged_into']} in {time.time() - t0:.1f} s",
+        f"compact {table}: version {out['version']}, rewrote {out['rewritten']} file group(s) holding dead rows "
+        f"({out['rows_dropped']} row(s)), merged {out.get('merged_flushes', 0)} small group(s) into "
+        f"{out.get('new_flushes', 0)}, deleted {out['deleted_files']} removed and {out['orphans_deleted']} "
+        f"orphan file(s) past the retention in {time.time() - t0:.1f} s",
         file=sys.stderr,
     )
     return out

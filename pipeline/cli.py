@@ -218,7 +218,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
 
     t = FeatureTable(args.table, args.storage_options)
-    data = t.read_layer(args.layer)
+    data = t.read_layer(args.layer, version=args.version)
     if args.out:
         import pyarrow.parquet as pq
 
@@ -237,12 +237,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
 
     t = FeatureTable(args.table, args.storage_options)
-    info = t.inspect()
+    info = t.inspect(version=args.version)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
     cfg, prov = info["config"], info["provenance"] or {}
-    print(f"table {info['table']}  (configuration {info['config_hash']})")
+    print(f"table {info['table']}  version {info['version']}  (configuration {info['config_hash']})")
     print(
         f"  model: {prov.get('model')} hub={prov.get('hub_id')} revision={prov.get('revision')} "
         f"content={prov.get('model_content_hash', '')[:16]}"
@@ -258,6 +258,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"storage {cfg['storage_dtype']}"
     )
     print(f"  layers: {info['layers']}  rows per layer: {info['rows_per_layer']}")
+    files = info["files"]
+    print(
+        f"  files: {files['flushes']} flush(es) of one file per layer, {files['bytes']} bytes; "
+        f"{files['with_dead_rows']} holding rows no reader shows (vacuum rewrites them), "
+        f"{files['removed_not_deleted']} removed and kept for the retention period"
+    )
     print(
         f"  recordings: {info['recordings']} by status {info['recordings_by_status']}; errors by kind "
         f"{info['errors_by_kind']}; {info['audio_hours_ok']} audio h ok"
@@ -266,27 +272,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  run {r['run_id']}: {r['status']} {r['started_at']} -> {r['finished_at']} {r['counts']}")
     if info["lease"]:
         print(
-            f"  lease held by run {info['lease']['run_id']} on {info['lease']['host']}"
-            + (" (expired)" if info["lease"]["expired"] else "")
+            f"  lease: epoch {info['lease']['epoch']} taken by run {info['lease']['run_id']} on "
+            f"{info['lease']['host']}, not released (running, or died: its heartbeat tells)"
         )
     return 0
 
 
 def cmd_vacuum(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
+    from pipeline.table.maintenance import vacuum
 
     t = FeatureTable(args.table, args.storage_options)
     # under the table's lease: never beside a running run's commits
-    out = t.compact(wait_s=args.lease_wait, merge=args.command == "compact")
+    out = vacuum(t, retention_s=args.retention, merge=args.command == "compact", wait_s=args.lease_wait)
     print(
-        f"removed {len(out['removed_files'])} file(s), rewrote {len(out['rewritten_files'])}, "
-        f"dropped {out['superseded_rows_dropped']} superseded row(s)"
+        f"version {out['version']}: rewrote {out['rewritten']} file group(s) holding dead rows "
+        f"({out['rows_dropped']} row(s) dropped), removed {out['removed']} without live rows"
         + (
-            f", merged {out['merged_shards']} small shard(s) into {out['merged_into']}"
-            if out["merged_shards"]
+            f", merged {out['merged_flushes']} small group(s) into {out['new_flushes']}"
+            if out.get("merged_flushes")
             else ""
         )
+        + f"; deleted the files of {out['deleted_flushes']} removed group(s) past the retention "
+        f"({out['deleted_files']} file(s)) and {out['orphans_deleted']} orphan file(s)"
     )
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from pipeline.table import FeatureTable
+    from pipeline.table.marker import upgrade
+
+    out = upgrade(FeatureTable(args.table, args.storage_options), wait_s=args.lease_wait)
+    if not out["upgraded"]:
+        print(f"{args.table} is already on the commit log (version {out['version']}): nothing to do")
+    else:
+        print(
+            f"upgraded {args.table} to the commit log: version {out['version']}, {out['shards']} shard(s) added "
+            f"in place, {out['recordings']} recording(s); {out['files_with_dead_rows']} file group(s) hold "
+            "superseded rows (vacuum rewrites them)"
+        )
     return 0
 
 
@@ -445,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     for name, fn, text in (
         ("inspect", cmd_inspect, "what a table holds"),
-        ("vacuum", cmd_vacuum, "delete uncommitted files, superseded and tombstoned rows"),
-        ("compact", cmd_vacuum, "vacuum, then merge small shards into larger files"),
+        ("vacuum", cmd_vacuum, "rewrite files holding dead rows; delete removed and orphan files"),
+        ("compact", cmd_vacuum, "vacuum, and merge small files into larger ones"),
         ("read", cmd_read, "one layer's committed rows"),
+        ("upgrade", cmd_upgrade, "put a table of the version-1 layout on the commit log"),
     ):
         s = sub.add_parser(name, help=text)
         s.add_argument("table")
@@ -458,9 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--limit", type=int, default=10, help="rows to print")
         if name == "inspect":
             s.add_argument("--json", action="store_true")
-        if name in ("vacuum", "compact"):
+        if name in ("read", "inspect"):
+            s.add_argument("--version", type=int, help="the table at this log version (default: the newest)")
+        if name in ("vacuum", "compact", "upgrade"):
             s.add_argument(
                 "--lease-wait", type=float, default=0.0, help="wait this long for a running run's lease"
+            )
+        if name in ("vacuum", "compact"):
+            s.add_argument(
+                "--retention",
+                type=float,
+                default=24 * 3600.0,
+                metavar="SECONDS",
+                help="keep files removed or orphaned less than this long ago, for readers still scanning an "
+                "older version (default one day; 0 after which plain Parquet readers see exactly the snapshot)",
             )
         s.set_defaults(fn=fn)
     pr = sub.add_parser("probe", help="which layer? linear probes per layer, a layer weighting, a control")

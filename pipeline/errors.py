@@ -132,6 +132,15 @@ class RunIdTaken(UsageError):
 
 
 # ---- exit codes: one meaning per outcome, for `mert-pipeline run`, jobs.extract and jobs.scheduled ------------
+class LeaseHeld(PipelineError):
+    """Another live run holds the table's lease (a courtesy: it avoids two runs doing the same work)."""
+
+
+class StaleWriter(PipelineError):
+    """This writer's epoch was superseded in the table's commit log (another writer took the table over after
+    this one stopped renewing its lease): its commits are refused."""
+
+
 class ExitCode(IntEnum):
     """What a finished entrypoint tells its caller (a shell, `ray job submit`, a RayJob, a CronJob)."""
 
@@ -139,7 +148,9 @@ class ExitCode(IntEnum):
     FAILED = 1  # it could not commit: a systemic failure (model, credentials, bucket) or a crash
     USAGE = 2  # an invalid option, YAML or run id: fix the command line
     STOPPED = 3  # the error-rate limit (or failing first inputs) stopped it; what finished is committed
-    BUSY = 75  # another run holds the table's lease (EX_TEMPFAIL): try again later, or give --lease-wait
+    BUSY = (
+        75  # another run holds the table's lease, or took it over (EX_TEMPFAIL): retry later, or --lease-wait
+    )
     KEYBOARD = 130  # KeyboardInterrupt outside a run's commit loop
     INTERRUPTED = 143  # SIGTERM (or SIGINT) stopped the run at a commit boundary; rerun to resume
 
@@ -157,7 +168,5 @@ def exit_code(exc: BaseException | None) -> ExitCode:
     if isinstance(exc, (ValueError, UsageError)):
         return ExitCode.USAGE
     if isinstance(exc, PipelineError):
-        from pipeline.table import LeaseHeld  # the table imports this module
-
-        return ExitCode.BUSY if isinstance(exc, LeaseHeld) else ExitCode.FAILED
+        return ExitCode.BUSY if isinstance(exc, (LeaseHeld, StaleWriter)) else ExitCode.FAILED
     return ExitCode.FAILED

@@ -67,7 +67,7 @@ def embed_query(
 
     meta = table.read_meta()
     if meta is None:
-        raise UsageError(f"{table.root} is not a feature table (no _table.json)")
+        raise UsageError(f"{table.root} is not a feature table (no commit log)")
     cfg = meta["config"]
     loaded = load_model(model)
     if loaded.content_hash != cfg.get("model_content_hash"):
@@ -155,7 +155,7 @@ def neighbors(
     table = FeatureTable(table_uri, storage_options)
     meta = table.read_meta()
     if meta is None:
-        raise UsageError(f"{table_uri} is not a feature table (no _table.json): give the table's root folder")
+        raise UsageError(f"{table_uri} is not a feature table (no commit log): give the table's root folder")
     if layer not in table.layers():
         raise UsageError(f"{table_uri} has no layer {layer}; it holds layers {table.layers()}")
     lookup, uris = _table_lookup(table)

@@ -250,7 +250,7 @@ def recording_vectors(
     float32 or float16), the (N, D) result and a chunk of ROWS_PER_CHUNK rows in float64."""
     meta = table.read_meta()
     if meta is None:
-        raise UsageError(f"{table.root} is not a feature table (no _table.json)")
+        raise UsageError(f"{table.root} is not a feature table (no commit log)")
     dim, granularity = int(meta["dim"]), meta["config"]["granularity"]
     t = table.read_layer(layer, ["recording_id", "n_frames", "embedding"])
     rid = np.asarray(t.column("recording_id").to_numpy(zero_copy_only=False)).astype(object)
@@ -666,7 +666,7 @@ def run_probe(
     table = FeatureTable(table_uri, storage_options)
     meta = table.read_meta()
     if meta is None:
-        raise UsageError(f"{table_uri} is not a feature table (no _table.json): give the table's root folder")
+        raise UsageError(f"{table_uri} is not a feature table (no commit log): give the table's root folder")
     held = table.layers()
     layers = list(cfg.layers) if cfg.layers is not None else held
     absent = [i for i in layers if i not in held]

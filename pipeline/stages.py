@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import SegmentConfig
 from pipeline.errors import InputFault, TooShort
+from pipeline.table.writer import layer_column
 
 DECODE_SCHEMA = pa.schema(
     [
@@ -211,10 +212,6 @@ def decode_batch(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
         )
 
 
-def layer_column(layer: int) -> str:
-    return f"l{layer}"
-
-
 class EmbedStage:
     """Holds one model replica; turns decode tables into rows with one embedding column per layer."""
 
@@ -234,7 +231,9 @@ class EmbedStage:
         threads: int | None = None,
         trust_remote_code: bool = False,
         expected_code_hash: str | None = None,
+        sink: Callable[[pa.Table], pa.Table] | None = None,
     ):
+        """`sink`: where the output goes (the engine's writers); its return value is the stage's output."""
         import torch
 
         from pipeline.embed import Embedder
@@ -260,6 +259,7 @@ class EmbedStage:
         )
         self.granularity = granularity
         self.batch_size = batch_size
+        self.sink = sink
         from pipeline.table import embedding_type
 
         self.emb_type = embedding_type(self.embedder.spec.dim, storage_dtype, granularity)
@@ -291,7 +291,8 @@ class EmbedStage:
         }
         for layer, vecs in per_layer.items():
             cols[layer_column(layer)] = self._arrow(vecs)
-        return pa.table(cols)
+        out = pa.table(cols)
+        return self.sink(out) if self.sink is not None else out
 
     def _arrow(self, vecs: list) -> pa.Array:
         """Per-row arrays (D,) or (T, D), None for record rows -> a (list of) fixed_size_list column."""

@@ -190,11 +190,16 @@ def test_provenance_in_every_footer_and_plain_readers_agree(table_run):
 def test_rerun_writes_nothing_new(table_run, corpus, model_dir):
     out, first = table_run
     before = sorted(p for p in (out / "features").rglob("*") if p.is_file())
-    ledger_before = sorted((out / "recordings").iterdir())
+    snap = FeatureTable(str(out)).snapshot()
     again = run(cfg(corpus, out, model_dir))
     assert again["counts"]["processed"] == 0 and again["counts"]["skipped"] == 7
+    assert again["commits"] == 0
     assert sorted(p for p in (out / "features").rglob("*") if p.is_file()) == before
-    assert sorted((out / "recordings").iterdir()) == ledger_before
+    after = FeatureTable(str(out)).snapshot()
+    assert after.ledger == snap.ledger and after.flushes.keys() == snap.flushes.keys()
+    # the rerun's only entries: its epoch and its release
+    kinds = [e["kind"] for e in FeatureTable(str(out)).log.entries(snap.version + 1)]
+    assert kinds == ["epoch", "release"]
 
 
 def test_mismatched_append_is_refused(table_run, corpus, model_dir):

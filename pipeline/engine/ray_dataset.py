@@ -1,0 +1,442 @@
+"""The only library module that imports Ray: joining or starting a cluster, placing actors, the dataset
+(decode tasks -> embed actors -> the writers on each node) and the run's Ray metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+from pipeline.config import RunConfig
+from pipeline.engine.plan import Log, ModelFacts, stderr_log
+from pipeline.errors import PipelineError
+from pipeline.inputs import InputItem
+from pipeline.stages import decode_batch
+
+
+class RayMetrics:
+    """The run's metrics through Ray's metrics API (ray.util.metrics), which every node's metrics agent exports
+    for Prometheus (names get Ray's `ray_` prefix; see the README). A progress.MetricsSink.
+
+    mert_audio_seconds_embedded (counter), mert_segments_embedded (counter), mert_inputs (counter, by status and
+    error kind), mert_segments_per_second and mert_audio_seconds_per_second (gauges), each tagged with the model.
+    """
+
+    def __init__(self, model: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"model": model}
+        keys = ("model",)
+        self._audio = Counter("mert_audio_seconds_embedded", "segment audio embedded (s)", tag_keys=keys)
+        self._segments = Counter("mert_segments_embedded", "segments embedded", tag_keys=keys)
+        self._inputs = Counter(
+            "mert_inputs",
+            "inputs finished, by status and error kind",
+            tag_keys=(*keys, "status", "error_kind"),
+        )
+        self._seg_rate = Gauge("mert_segments_per_second", "segments embedded per second", tag_keys=keys)
+        self._audio_rate = Gauge(
+            "mert_audio_seconds_per_second", "audio s embedded per second", tag_keys=keys
+        )
+
+    def segments(self, audio_s: float, count: int) -> None:
+        self._audio.inc(audio_s, tags=self.tags)
+        self._segments.inc(count, tags=self.tags)
+
+    def input_done(self, status: str, error_kind: str | None) -> None:
+        self._inputs.inc(1, tags={**self.tags, "status": status, "error_kind": error_kind or "none"})
+
+    def rate(self, segments_per_s: float, audio_s_per_s: float) -> None:
+        self._seg_rate.set(segments_per_s, tags=self.tags)
+        self._audio_rate.set(audio_s_per_s, tags=self.tags)
+
+
+class _QuietProgressWarning(logging.Filter):
+    """Ray Data warns "Progress bars disabled" once per process when its own bars are off; the run has its own
+    progress (pipeline.progress), so the warning only confuses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def connect(cfg: RunConfig, log: Log):
+    """Join the cluster (cfg.address or RAY_ADDRESS), or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        else:
+            ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    except Exception as exc:  # systemic
+        raise PipelineError(
+            f"cannot start or join Ray ({address or 'local'}): {type(exc).__name__}: {exc}"
+        ) from None
+    return ray
+
+
+@dataclass
+class Placement:
+    device: str
+    actors: int
+    num_gpus: float
+    cpus_per_actor: float
+    threads: int
+    decode_workers: int | None
+
+
+def place(cfg: RunConfig, ray, log: Log = stderr_log) -> Placement:
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    want = gpus if cfg.num_gpus is None else cfg.num_gpus
+    if want > gpus and cfg.gpu_wait_s > 0:
+        gpus = wait_for_gpus(ray, want, gpus, cfg.gpu_wait_s, log)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+    if want > gpus:
+        raise PipelineError(
+            f"num_gpus={want}, but the cluster has {gpus} GPU(s)"
+            + (f" after waiting {cfg.gpu_wait_s:.0f} s" if cfg.gpu_wait_s > 0 else "")
+            + ": lower num_gpus, or give GPU nodes time to join with --gpu-wait SECONDS"
+        )
+    if want > 0:
+        return Placement("cuda", want, 1.0, 1.0, 1, cfg.decode_workers)
+    if cfg.compute_dtype != "float32":
+        raise PipelineError(
+            f"compute_dtype={cfg.compute_dtype} needs a GPU; this cluster has none (use float32)"
+        )
+    actors = cfg.num_actors or 1
+    # Leave at least one core to the decode tasks, or the dataset hangs with every CPU held by actors.
+    per = cfg.cpus_per_actor or max(1.0, math.floor(max(1, cpus - 1) / actors))
+    if actors * per >= cpus:
+        raise PipelineError(
+            f"{actors} CPU actor(s) x {per} cores leaves no core for decoding on a cluster of {cpus}: "
+            "lower num_actors or cpus_per_actor"
+        )
+    # torch threads: the actor's cores, or when the machine is shared with decoding alone (cpus_per_actor
+    # unset), every core the actors split: decoding costs a few percent of what the model does on a CPU.
+    threads = int(per) if cfg.cpus_per_actor else max(1, cpus // actors)
+    return Placement("cpu", actors, 0.0, per, threads, cfg.decode_workers)
+
+
+def wait_for_gpus(ray, want: int, have: int, wait_s: float, log: Log) -> int:
+    """GPU pods that are still starting, or an autoscaler that adds GPU nodes on demand: ask the autoscaler for
+    `want` GPU bundles (a no-op without one) and wait until the cluster offers them, or wait_s passes."""
+    log(f"[mert] waiting up to {wait_s:.0f} s for {want} GPU(s); the cluster has {have} now")
+    asked = False
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1}] * want)
+        asked = True
+    except Exception:  # without an autoscaler, nodes may still join by themselves
+        pass
+    deadline = time.monotonic() + wait_s
+    while have < want and time.monotonic() < deadline:
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        have = int(ray.cluster_resources().get("GPU", 0))
+    if asked:
+        try:
+            request_resources(bundles=[])  # the actors' own demand keeps the nodes from here on
+        except Exception:
+            pass
+    return have
+
+
+def device_name(ray, placement: Placement) -> str:
+    if placement.device != "cuda":
+        return f"cpu ({platform.machine()})"
+
+    @ray.remote(num_gpus=1, max_retries=0)
+    def _name() -> str:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+
+    try:
+        return ray.get(_name.remote(), timeout=120)
+    except Exception:  # provenance only
+        return "cuda (unknown)"
+
+
+DECODE_TABLE_SEGMENTS = 8  # segments per table a decode task yields (stages.decode_input)
+# An input under which the worker process died this many times becomes an `error` row (worker_crash). A decode
+# task is tried one more time than that, plus one spare for a node that dies under an innocent input.
+INPUT_CRASH_LIMIT = 2
+DECODE_TASK_RETRIES = INPUT_CRASH_LIMIT + 1
+
+
+class Attempts:
+    """begin/end of each input's decode, counted by one small actor on the driver's node (it outlives the
+    workers that die). Passed to the decode stage, which knows nothing of Ray: see stages.decode_input."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    @classmethod
+    def start(cls, ray) -> Attempts:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        class _Counter:
+            def __init__(self):
+                self.open: dict[str, int] = {}
+
+            def begin(self, key: str) -> int:
+                n = self.open.get(key, 0)
+                self.open[key] = n + 1
+                return n
+
+            def end(self, key: str) -> None:
+                self.open.pop(key, None)
+
+        here = ray.get_runtime_context().get_node_id()
+        handle = (
+            ray.remote(num_cpus=0, max_restarts=0)(_Counter)
+            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
+            .remote()
+        )
+        return cls(handle)
+
+    def begin(self, key: str) -> int:
+        import ray
+
+        try:
+            return int(ray.get(self.handle.begin.remote(key), timeout=60))
+        except Exception:  # without the counter, Ray's own retry bound still holds
+            return 0
+
+    def end(self, key: str) -> None:
+        try:
+            self.handle.end.remote(key)
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.kill(self.handle)
+        except Exception:
+            pass
+
+
+def build_dataset(
+    ray,
+    cfg: RunConfig,
+    facts: ModelFacts,
+    todo: list[InputItem],
+    placement: Placement,
+    attempts: Attempts | None = None,
+    sink: WriterSink | None = None,
+):
+    import warnings
+
+    import ray.data
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from pipeline.stages import EmbedStage
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    quiet = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _QuietProgressWarning) for f in quiet.filters):
+        quiet.addFilter(_QuietProgressWarning())
+    ctx.print_on_execution_start = False
+    seg = facts.segments
+    window_bytes = int(round(seg.window_s * facts.spec.sample_rate)) * 4  # one window of float32 audio
+    embed_rows = cfg.batch_size * 4
+    # Blocks of about one decode table, so decoded audio streams to the actors table by table (Ray's default
+    # 128 MiB blocks made a decode task of a long input hold ~23 minutes of audio before handing any of it on) ...
+    ctx.target_max_block_size = max(1 << 20, int(0.75 * DECODE_TABLE_SEGMENTS * window_bytes))
+    # ... and a bound on what waits in the object store: decoding outruns a CPU actor ~40x, and under Ray's default
+    # budget (half the object store) a 60-minute input queued all of its audio (~345 MB at 24 kHz), a catalog
+    # up to that budget. Room for 4 embed calls per actor, inputs and outputs, is plenty to keep actors fed.
+    out_row = (
+        len(facts.layers)
+        * facts.spec.dim
+        * 4
+        * (math.ceil(seg.window_s * facts.spec.frame_rate) if cfg.granularity == "frame" else 1)
+    )
+    ahead = max(256 << 20, placement.actors * 4 * embed_rows * (window_bytes + out_row))
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=ahead
+    )
+    # Ray 2.60 has no named parameter for max_restarts / max_task_retries / max_retries, and warns about the
+    # free-form remote args that carry them (announced for removal in 2.64). Bounded beats infinite: keep them.
+    warnings.filterwarnings(
+        "ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning
+    )
+    # An item with a fault (a bad manifest row, a symlink cycle) reaches the decode stage too: it becomes that
+    # input's error row there, like any other bad input.
+    items = [
+        {
+            "uri": i.uri,
+            "recording_id": i.recording_id,
+            "fingerprint": i.fingerprint,
+            "fault_kind": i.fault_kind,
+            "fault_message": i.fault_message,
+        }
+        for i in todo
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "sample_rate": facts.spec.sample_rate,
+            "segments": seg,
+            "segments_per_table": DECODE_TABLE_SEGMENTS,
+            "storage_options": cfg.in_options,
+            "time_limit_s": cfg.decode_timeout_s,
+            "attempts": attempts,
+            "crash_limit": INPUT_CRASH_LIMIT,
+        },
+        compute=TaskPoolStrategy(size=placement.decode_workers) if placement.decode_workers else None,
+        num_cpus=1,
+        # A task whose worker dies is retried a bounded number of times, not forever; the input it was reading
+        # when its worker died INPUT_CRASH_LIMIT times comes back as an error row (Attempts).
+        max_retries=DECODE_TASK_RETRIES,
+    )
+    ds = ds.map_batches(
+        EmbedStage,
+        fn_constructor_args=(cfg.model,),
+        fn_constructor_kwargs={
+            "storage_options": cfg.in_options,
+            "cache_dir": cfg.model_cache,
+            "layers": facts.layers,
+            "granularity": cfg.granularity,
+            "device": placement.device,
+            "compute_dtype": cfg.compute_dtype,
+            "storage_dtype": cfg.storage_dtype,
+            "normalize": facts.normalize,
+            "batch_size": cfg.batch_size,
+            "threads": placement.threads,
+            "trust_remote_code": cfg.trust_remote_code,
+            "expected_code_hash": facts.code_hash,  # each actor checks its staged code against the driver's
+            "sink": sink,  # the rows go to the node's writer; the driver gets records and counts
+        },
+        batch_size=embed_rows,  # room to group equal-length segments into full model batches
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=placement.actors),
+        num_gpus=placement.num_gpus or None,
+        num_cpus=placement.cpus_per_actor,
+        # No named parameters exist for these yet: bounded restarts and retries instead of Ray's infinite ones.
+        max_restarts=2,
+        max_task_retries=2,
+    )
+    return ds
+
+
+class _Writer:
+    """A FlushWriter in its own process on one node (see pipeline.table.writer)."""
+
+    def __init__(self, kwargs: dict):
+        import socket
+
+        import ray
+
+        from pipeline.table.writer import FlushWriter
+
+        node = ray.get_runtime_context().get_node_id()
+        self.w = FlushWriter(**kwargs, node_id=node, host=socket.gethostname())
+
+    def add(self, block) -> None:
+        self.w.add(block)
+
+    def take(self) -> list[dict]:
+        return self.w.take()
+
+    def finish(self) -> list[dict]:
+        return self.w.finish()
+
+    def stats(self) -> dict:
+        return self.w.stats()
+
+
+class WriterPool:
+    """One writer per alive node, pinned there; the embed actors hand rows to their own node's writer (at
+    recording granularity, each recording's rows to one writer chosen by its id)."""
+
+    def __init__(self, ray, writer_kwargs: dict):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.ray = ray
+        self.by_node: dict[str, object] = {}
+        cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1)(_Writer)
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            nid = node["NodeID"]
+            self.by_node[nid] = cls.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
+            ).remote(writer_kwargs)
+        if not self.by_node:
+            raise PipelineError("no alive Ray node to write the feature files on")
+
+    def handles(self) -> list:
+        return list(self.by_node.values())
+
+    def take(self) -> list[dict]:
+        return [m for ms in self.ray.get([h.take.remote() for h in self.handles()]) for m in ms]
+
+    def finish(self) -> list[dict]:
+        return [m for ms in self.ray.get([h.finish.remote() for h in self.handles()]) for m in ms]
+
+    def stats(self) -> list[dict]:
+        return self.ray.get([h.stats.remote() for h in self.handles()])
+
+    def close(self) -> None:
+        for h in self.handles():
+            try:
+                self.ray.kill(h)
+            except Exception:
+                pass
+
+
+class WriterSink:
+    """What the embed stage calls with its output (stages know nothing of Ray): the rows go to a writer,
+    the driver gets back only the record rows and one summary row per block (segments, their audio seconds)."""
+
+    def __init__(self, by_node: dict, by_recording: bool):
+        self.by_node, self.by_recording = by_node, by_recording
+        self.all = list(by_node.values())
+
+    def __call__(self, out):
+        import zlib
+
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import ray
+
+        if self.by_recording:
+            rids = out.column("recording_id").to_pylist()
+            picks: dict[int, list[int]] = {}
+            for i, rid in enumerate(rids):
+                picks.setdefault(zlib.crc32(rid.encode()) % len(self.all), []).append(i)
+            ray.get([self.all[k].add.remote(out.take(pa.array(idx))) for k, idx in picks.items()])
+        else:
+            here = ray.get_runtime_context().get_node_id()
+            h = self.by_node.get(here) or self.all[zlib.crc32(here.encode()) % len(self.all)]
+            ray.get(h.add.remote(out))
+        is_seg = pc.is_null(out.column("record"))
+        n = int(pc.sum(pc.cast(is_seg, pa.int64())).as_py() or 0)
+        audio = float(pc.sum(pc.filter(out.column("duration_s"), is_seg)).as_py() or 0.0)
+        recs = out.filter(pc.invert(is_seg))
+        return pa.table(
+            {
+                "recording_id": pa.concat_arrays(
+                    [recs.column("recording_id").combine_chunks().cast(pa.string()), pa.array([""])]
+                ),
+                "record": pa.concat_arrays(
+                    [recs.column("record").combine_chunks().cast(pa.string()), pa.nulls(1, pa.string())]
+                ),
+                "segments": pa.array([0] * recs.num_rows + [n], pa.int64()),
+                "audio_s": pa.array([0.0] * recs.num_rows + [audio], pa.float64()),
+            }
+        )
