@@ -17,9 +17,10 @@ reprocess  The whole catalog into a new table for this model, revision and confi
            ROOT/<model>@<revision or content hash>-<configuration hash>. Resumable like any run (rerun it).
 promote    Point ROOT/_current.json at a table whose newest run is complete: consumers that read ROOT through
            pipeline.read_features(ROOT, layer), or that read _current.json themselves, switch at once.
-compact    Under the table's lease, drop from the files the rows that readers already hide (superseded by a changed
-           input, tombstoned, or never committed), so that plain Parquet readers see only the newest rows too, and
-           merge small shards (frequent small ticks write one small file per layer each) into files of ~64 MB.
+compact    Under the table's lease, rewrite the files holding rows that readers already hide (superseded by a
+           changed input, tombstoned, of failed recordings), merge small files (frequent small ticks write one small
+           file per layer each) into files of ~64 MB, as one commit, and delete files past the retention (one day),
+           so that plain Parquet readers then see only the snapshot's rows too.
 
 Exit codes are those of jobs.extract and `mert-pipeline run` (pipeline.errors.ExitCode): 0 complete (or a tick
 already complete), 1 could not commit, 2 usage, 3 stopped by the error-rate limit (finished work committed), 75
@@ -27,7 +28,7 @@ lease held, 143 SIGTERM.
 
 Run ids: a `run_id` in the YAML (or --run-id) is a prefix. A tick runs as `<run_id or "tick">-<tick>-<UTC
 time>-<random>` and a reprocess as `<run_id or "run">-<UTC time>-<random>`, so ticks, retried pods and retried
-RayJobs never reuse an id (a used id is refused: it would overwrite committed shards). A retry with the same
+RayJobs never reuse an id (a used id is refused: it would overwrite its summary). A retry with the same
 arguments resumes: a tick already complete does nothing; otherwise only inputs without a committed `ok` row are
 processed, under the new id.
 """
@@ -118,7 +119,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
         )
         summary = run(cfg, log=log_to_stderr(not cfg.progress))
         if args.compact and summary.get("status") == "complete":
-            _compact(cfg.output, cfg.out_options, cfg.lease_ttl_s, cfg.lease_wait_s)
+            _compact(cfg.output, cfg.out_options, cfg.lease_ttl_s, cfg.lease_wait_s, args.retention)
         return summary
 
     return execute(go, as_json=args.json)
@@ -163,12 +164,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _compact(table: str, options: dict | None, ttl_s: float, wait_s: float) -> dict:
+def _compact(table: str, options: dict | None, ttl_s: float, wait_s: float, retention_s: float) -> dict:
     from pipeline.table import FeatureTable
     from pipeline.table.maintenance import vacuum
 
     t0 = time.time()
-    out = vacuum(FeatureTable(table, options), merge=True, ttl_s=ttl_s, wait_s=wait_s)
+    out = vacuum(FeatureTable(table, options), retention_s, merge=True, ttl_s=ttl_s, wait_s=wait_s)
     print(
         f"compact {table}: version {out['version']}, rewrote {out['rewritten']} file group(s) holding dead rows "
         f"({out['rows_dropped']} row(s)), merged {out.get('merged_flushes', 0)} small group(s) into "
@@ -179,9 +180,21 @@ def _compact(table: str, options: dict | None, ttl_s: float, wait_s: float) -> d
     return out
 
 
+RETENTION = (
+    ("--retention",),
+    {
+        "type": float,
+        "default": 24 * 3600.0,
+        "metavar": "SECONDS",
+        "help": "compact keeps replaced files this long for readers of older versions (default one day; 0: "
+        "plain Parquet readers agree with the reader at once)",
+    },
+)
+
+
 def cmd_compact(args: argparse.Namespace) -> int:
     def go() -> dict:
-        _compact(args.table, _options(args), args.lease_ttl, args.lease_wait)
+        _compact(args.table, _options(args), args.lease_ttl, args.lease_wait, args.retention)
         return {}
 
     return execute(go)
@@ -207,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--period", default="1h", help="the schedule period: 15m, 1h, 1d, 1w ... (default 1h)")
     t.add_argument("--compact", action="store_true", help="compact the table after a complete tick")
+    t.add_argument(*RETENTION[0], **RETENTION[1])
     t.set_defaults(fn=cmd_tick)
     r = sub.add_parser("reprocess", help="the whole catalog into a new table for this model and revision")
     add_run_arguments(r)
@@ -224,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--storage-options", type=storage_options_arg, help="fsspec options as JSON")
     c.add_argument("--lease-wait", type=float, default=0.0, help="wait this long for a running run's lease")
     c.add_argument("--lease-ttl", type=float, default=120.0)
+    c.add_argument(*RETENTION[0], **RETENTION[1])
     c.set_defaults(fn=cmd_compact)
     return p
 

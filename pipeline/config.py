@@ -119,10 +119,10 @@ class RunConfig:
     max_error_rate: float = 0.5  # stop the run when more than this fraction of processed inputs fail ...
     error_rate_min_inputs: int = 20  # ... once at least this many have been processed
     decode_timeout_s: float = 600.0  # one input's decode time limit
-    commit_interval_s: float = 60.0  # commit a shard at least this often (bounds what a crash loses)
-    shard_max_recordings: int = 2000  # ... or when it holds this many recordings
-    shard_max_mb: float = 512.0  # ... or this much embedding data (a layer file is ~ this / layers)
-    lease_ttl_s: float = 120.0  # the table lease expires this long after the last renewal
+    commit_interval_s: float = 60.0  # writers flush and the driver commits this often (bounds a crash's loss)
+    shard_max_recordings: int = 2000  # ... or once this many recordings are ready to commit
+    shard_max_mb: float = 512.0  # a writer flushes at this much buffered data (a layer file ~ this / layers)
+    lease_ttl_s: float = 120.0  # others may take the table this long after the holder's last heartbeat
     lease_wait_s: float = 0.0  # wait this long for another run's lease before giving up
     run_id: str | None = None  # [A-Za-z0-9._-], new to the table; default: UTC time + random (jobs: a prefix)
     mirror_deletions: bool = False  # inputs gone from the listing get a tombstone row: readers hide them

@@ -24,6 +24,8 @@ from pipeline import read_features, read_ledger
 from pipeline.checkpoints import write_random_checkpoint
 from pipeline.synth import music_like, write_audio
 from pipeline.table import FeatureTable
+from pipeline.table.maintenance import vacuum
+from pipeline.testing.tables import committed_entries, lease_holder
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -84,8 +86,7 @@ def summary_of(stdout: bytes | str) -> dict:
 
 
 def committed(out: Path) -> int:
-    folder = out / "recordings"
-    return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
+    return committed_entries(str(out))
 
 
 def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -306,7 +307,7 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
     assert client.get_job_status(job) == JobStatus.STOPPED
     record = json.loads(next((out2 / "runs").iterdir()).read_text())
     assert record["status"] == "interrupted", client.get_job_logs(job)[-3000:]
-    assert not (out2 / "_lease.json").exists()
+    assert lease_holder(str(out2)) is None
     job = submit_job(client, entrypoint=entry, runtime_env=runtime_env)
     while not client.get_job_status(job).is_terminal():
         time.sleep(0.5)
@@ -384,10 +385,10 @@ def test_sigterm_stops_the_driver_at_a_commit_boundary_and_a_rerun_resumes(model
     assert summary["status"] == "interrupted" and "SIGTERM" in summary["stop_reason"]
     record = json.loads((out / "runs" / f"{summary['run_id']}.json").read_text())
     assert record["status"] == "interrupted"
-    assert not (out / "_lease.json").exists()  # given back: the next run need not wait for it to expire
-    # nothing half-written: every data file belongs to a committed shard, nothing for clean-up to remove
+    assert lease_holder(str(out)) is None  # given back: the next run need not wait for it to expire
+    # nothing half-written: every data file belongs to a commit, nothing for clean-up to delete as an orphan
     table = FeatureTable(str(out))
-    assert table.vacuum()["removed_files"] == []
+    assert vacuum(table, retention_s=0)["orphans_deleted"] == 0
     first = read_ledger(str(out), latest=False)
     n_first = first.num_rows
     assert 2 <= n_first < len(expected)

@@ -348,7 +348,7 @@ def test_missing_bucket_and_bad_credentials_fail_fast(model_dir, s3_options, tmp
     finally:
         port_server[1].terminate()
     assert time.time() - t0 < 60
-    assert not (tmp_path / "t" / "recordings").exists() and not (tmp_path / "t2" / "recordings").exists()
+    assert not (tmp_path / "t" / "_log").exists() and not (tmp_path / "t2" / "_log").exists()
 
 
 def _auth_moto_server():

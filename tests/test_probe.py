@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import probe
+from pipeline.atomic import write_once
 from pipeline.checkpoints import write_random_checkpoint
 from pipeline.cli import main
 from pipeline.config import RunConfig
@@ -28,7 +29,8 @@ from pipeline.probe import (
     roc_auc,
 )
 from pipeline.synth import write_labelled_corpus
-from pipeline.table import LEDGER_SCHEMA, FeatureTable, feature_schema
+from pipeline.table import FeatureTable, feature_schema
+from pipeline.table.schema import parquet_bytes
 
 FAST = ["--weight-decays", "1e-3,0.1", "--control-repeats", "2", "--quiet"]
 
@@ -95,7 +97,7 @@ def _hand_table(root: Path, granularity: str) -> FeatureTable:
         "layers": [0],
         "model_content_hash": "x",
     }
-    t.init_or_check({"config_hash": granularity, "config": config, "dim": 2, "provenance": {}})
+    t.create_or_check({"config_hash": granularity, "config": config, "dim": 2, "provenance": {}})
     schema = feature_schema(2, "float32", granularity)
     if granularity == "frame":
         emb = [[[1.0, 0.0], [3.0, 0.0], [5.0, 3.0]], [[0.0, 2.0]], [[4.0, 4.0]]]  # a: 3 + 1 frames, b: 1
@@ -114,14 +116,30 @@ def _hand_table(root: Path, granularity: str) -> FeatureTable:
     if granularity == "frame":
         rows["frame_rate"] = [75.0] * 3
     layer = pa.table({f.name: rows[f.name] for f in schema}, schema=schema)
-    ledger = pa.Table.from_pylist(
+    rel = "features/layer=0/r-hand.parquet"
+    data = parquet_bytes(layer)
+    write_once(t.uri(rel), data)
+    t.acquire_lease("r", ttl_s=30)
+    t.commit(
         [
-            {"recording_id": r, "uri": f"file:///x/{r}.wav", "status": "ok", "run_id": "r", "shard": 0}
+            {
+                "recording_id": r,
+                "uri": f"file:///x/{r}.wav",
+                "status": "ok",
+                "run_id": "r",
+                "parts": ["r-hand"],
+            }
             for r in ("a", "b")
         ],
-        LEDGER_SCHEMA,
+        [
+            {
+                "id": "r-hand",
+                "files": [{"layer": 0, "path": rel, "rows": 3, "bytes": len(data)}],
+                "rows": {"a": 2, "b": 1},
+            }
+        ],
     )
-    t.commit_shard("r", 0, {0: layer}, ledger, {})
+    t.release_lease()
     return t
 
 

@@ -28,6 +28,7 @@ class Assembler:
         self.waiting: dict[str, _Waiting] = {}
         self.flushes: dict[str, dict] = {}  # flush id -> description, until committed or dropped
         self.finished: set[str] = set()
+        self.ignore: set[tuple[str, str]] = set()  # (flush, recording) pairs forgotten
 
     def add_record(self, record: dict) -> None:
         rid = record["recording_id"]
@@ -38,7 +39,7 @@ class Assembler:
     def add_flush(self, meta: dict) -> None:
         self.flushes[meta["id"]] = meta
         for rid, rs in meta["covered"].items():
-            if rid in self.finished:
+            if rid in self.finished or (meta["id"], rid) in self.ignore:
                 continue
             segs = {s for a, b in rs for s in range(int(a), int(b) + 1)}
             self.waiting.setdefault(rid, _Waiting()).flushes.append((meta["id"], segs))
@@ -93,6 +94,27 @@ class Assembler:
             out.append((rec, []))
         return out
 
+    def uncovered(self) -> list[str]:
+        """`ok` recordings whose record arrived but not all their segments (after every writer flushed)."""
+        return sorted(
+            rid
+            for rid, w in self.waiting.items()
+            if w.record is not None and w.record["status"] == "ok" and self._cover(w) is None
+        )
+
+    def forget(self, rids: list[str]) -> None:
+        """Start these recordings over (they are embedded again): what arrived of them so far is ignored."""
+        for rid in rids:
+            self.waiting.pop(rid, None)
+            self.finished.discard(rid)
+        self.ignore.update(
+            (fid, rid) for fid, meta in self.flushes.items() for rid in meta["covered"] if rid in set(rids)
+        )
+
+    def waiting_records(self) -> int:
+        """Records that arrived and wait for their segments to be in a flush."""
+        return sum(1 for w in self.waiting.values() if w.record is not None)
+
     def incomplete(self) -> int:
         return sum(1 for w in self.waiting.values() if w.record is None)
 
@@ -112,6 +134,10 @@ class Batch:
         for fid in parts:
             if fid not in self.added:
                 self.adds[fid] = flushes[fid]
+
+    def age(self) -> float:
+        """Seconds since the last commit (or since the batch began)."""
+        return time.monotonic() - self.last
 
     def due(self) -> bool:
         return bool(self.rows) and (

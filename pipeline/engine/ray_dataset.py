@@ -9,6 +9,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.engine.plan import Log, ModelFacts, stderr_log
@@ -349,7 +350,9 @@ class _Writer:
     def add(self, block) -> None:
         self.w.add(block)
 
-    def take(self) -> list[dict]:
+    def take(self, force: bool = False) -> list[dict]:
+        if force:
+            self.w.flush()
         return self.w.take()
 
     def finish(self) -> list[dict]:
@@ -367,7 +370,8 @@ class WriterPool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.ray = ray
-        self.by_node: dict[str, object] = {}
+        self.by_node: dict[str, Any] = {}
+        self.lost: list[str] = []  # node ids whose writer died
         cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1)(_Writer)
         for node in ray.nodes():
             if not node.get("Alive"):
@@ -382,14 +386,33 @@ class WriterPool:
     def handles(self) -> list:
         return list(self.by_node.values())
 
-    def take(self) -> list[dict]:
-        return [m for ms in self.ray.get([h.take.remote() for h in self.handles()]) for m in ms]
+    def _call(self, method: str, *args) -> list:
+        """`method` on every writer; a writer whose node died is dropped (and noted in `lost`)."""
+        from ray.exceptions import RayActorError
+
+        refs = {nid: getattr(h, method).remote(*args) for nid, h in self.by_node.items()}
+        out = []
+        for nid, ref in refs.items():
+            try:
+                out.append(self.ray.get(ref))
+            except RayActorError:
+                self.lost.append(nid)
+                self.by_node.pop(nid, None)
+        if not self.by_node:
+            raise PipelineError(
+                "every writer was lost with its node: no node is left to write the features on"
+            )
+        return out
+
+    def take(self, force: bool = False) -> list[dict]:
+        """Flushes finished since the last call; `force`: every writer flushes its buffer first."""
+        return [m for ms in self._call("take", force) for m in ms]
 
     def finish(self) -> list[dict]:
-        return [m for ms in self.ray.get([h.finish.remote() for h in self.handles()]) for m in ms]
+        return [m for ms in self._call("finish") for m in ms]
 
     def stats(self) -> list[dict]:
-        return self.ray.get([h.stats.remote() for h in self.handles()])
+        return self._call("stats")
 
     def close(self) -> None:
         for h in self.handles():
@@ -401,29 +424,52 @@ class WriterPool:
 
 class WriterSink:
     """What the embed stage calls with its output (stages know nothing of Ray): the rows go to a writer,
-    the driver gets back only the record rows and one summary row per block (segments, their audio seconds)."""
+    the driver gets back only the record rows and one summary row per block (segments, their audio seconds).
+
+    Segment and frame rows go to the writer on the actor's own node; at recording granularity each recording's
+    rows go to one writer chosen by its id (its mean needs all of them). A writer whose node died is dropped
+    and its share goes to the others; what it had buffered is lost, and the driver embeds those recordings
+    again."""
 
     def __init__(self, by_node: dict, by_recording: bool):
-        self.by_node, self.by_recording = by_node, by_recording
-        self.all = list(by_node.values())
+        self.by_node, self.by_recording = dict(by_node), by_recording
 
-    def __call__(self, out):
+    def _route(self, out, here: str) -> list[tuple[str, Any, Any]]:
         import zlib
 
         import pyarrow as pa
+
+        alive = list(self.by_node.items())
+        if not alive:
+            raise RuntimeError("no writer is left alive to take the embedded rows")
+        if not self.by_recording:
+            mine = [(nid, h) for nid, h in alive if nid == here]
+            nid, h = mine[0] if mine else alive[zlib.crc32(here.encode()) % len(alive)]
+            return [(nid, h, out)]
+        picks: dict[int, list[int]] = {}
+        for i, rid in enumerate(out.column("recording_id").to_pylist()):
+            picks.setdefault(zlib.crc32(rid.encode()) % len(alive), []).append(i)
+        return [(alive[k][0], alive[k][1], out.take(pa.array(idx))) for k, idx in picks.items()]
+
+    def __call__(self, out):
+        import pyarrow as pa
         import pyarrow.compute as pc
         import ray
+        from ray.exceptions import RayActorError
 
-        if self.by_recording:
-            rids = out.column("recording_id").to_pylist()
-            picks: dict[int, list[int]] = {}
-            for i, rid in enumerate(rids):
-                picks.setdefault(zlib.crc32(rid.encode()) % len(self.all), []).append(i)
-            ray.get([self.all[k].add.remote(out.take(pa.array(idx))) for k, idx in picks.items()])
-        else:
-            here = ray.get_runtime_context().get_node_id()
-            h = self.by_node.get(here) or self.all[zlib.crc32(here.encode()) % len(self.all)]
-            ray.get(h.add.remote(out))
+        here = ray.get_runtime_context().get_node_id()
+        pending = out
+        while pending is not None and pending.num_rows:
+            parts = self._route(pending, here)
+            refs = [(nid, h.add.remote(rows), rows) for nid, h, rows in parts]
+            failed = []
+            for nid, ref, rows in refs:
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    self.by_node.pop(nid, None)
+                    failed.append(rows)
+            pending = pa.concat_tables(failed) if failed else None
         is_seg = pc.is_null(out.column("record"))
         n = int(pc.sum(pc.cast(is_seg, pa.int64())).as_py() or 0)
         audio = float(pc.sum(pc.filter(out.column("duration_s"), is_seg)).as_py() or 0.0)

@@ -34,7 +34,7 @@ from pipeline.errors import PipelineError, RunIdTaken, RunInterrupted, RunStoppe
 from pipeline.inputs import InputItem
 from pipeline.progress import Progress
 from pipeline.table import LEDGER_SCHEMA, FeatureTable
-from pipeline.table.maintenance import DEFAULT_RETENTION_S, delete_removed, purge
+from pipeline.table.maintenance import DEFAULT_RETENTION_S, delete_removed
 
 POLL_S = 2.0  # how often the driver asks the writers for finished flushes while blocks arrive
 
@@ -123,6 +123,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
         "epoch": lease.epoch,
     }
     audio_s = 0.0
+    received = {"blocks_bytes": 0, "flush_descriptions_bytes": 0, "segments": 0}  # what reached the driver
     beat = attempts = pool = None
     commits: list[int] = []
     batch = Batch(cfg.shard_max_recordings, cfg.commit_interval_s)
@@ -178,7 +179,6 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
             sink = rd.WriterSink(pool.by_node, by_recording=cfg.granularity == "recording")
             ds = rd.build_dataset(ray, cfg, facts, todo, placement, attempts, sink)
             first: list[dict] = []
-            stop_reason = None
             sizes = {i.recording_id: i.size for i in todo}
             beat = Progress(
                 counts,
@@ -188,7 +188,6 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                 every_s=10.0 if cfg.progress else 0,
                 metrics=rd.RayMetrics(facts.spec.name),
             )
-            polled = time.monotonic()
 
             def settle(ready) -> str | None:
                 """Count and batch ready recordings; commit when due. Returns a stop reason, if any."""
@@ -226,25 +225,60 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                     commit()
                 return reason
 
-            # prefetch_batches=0: each block reaches the driver when its task finishes (Ray's prefetcher holds
-            # finished blocks back until it has more of them, which delays commits and progress).
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                with signals.hold():  # a signal here waits for the block's commit, then ends the loop
-                    beat.segments(*_block_counts(timings, block, t0))
-                    for rec in block.column("record").to_pylist():
-                        if rec is not None:
-                            assembler.add_record(_json(rec))
-                    if time.monotonic() - polled >= POLL_S or batch.due():
-                        for meta_ in pool.take():
-                            assembler.add_flush(meta_)
-                        polled = time.monotonic()
-                    stop_reason = settle(assembler.ready())
-                if stop_reason or signals.received:
-                    break
+            def collect(metas: list[dict]) -> None:
+                for meta_ in metas:
+                    received["flush_descriptions_bytes"] += len(_dumps(meta_))
+                    assembler.add_flush(meta_)
+
+            def stream(dataset) -> str | None:
+                """Iterate one dataset to its end (or a stop); returns a stop reason, if any."""
+                polled = time.monotonic()
+                # prefetch_batches=0: each block reaches the driver when its task finishes (Ray's prefetcher
+                # holds finished blocks back until it has more of them, which delays commits and progress).
+                for block in dataset.iter_batches(
+                    batch_size=None, batch_format="pyarrow", prefetch_batches=0
+                ):
+                    with signals.hold():  # a signal here waits for the block's commit, then ends the loop
+                        seg_audio, seg_count = _block_counts(timings, block, t0)
+                        beat.segments(seg_audio, seg_count)
+                        received["blocks_bytes"] += block.nbytes
+                        received["segments"] += seg_count
+                        for rec in block.column("record").to_pylist():
+                            if rec is not None:
+                                assembler.add_record(_json(rec))
+                        # Records waiting for their segments to be flushed: at --shard-max-recordings of them,
+                        # or --commit-interval after the last commit, every writer flushes now.
+                        force = assembler.waiting_records() >= cfg.shard_max_recordings or (
+                            assembler.waiting_records() and batch.age() >= cfg.commit_interval_s
+                        )
+                        if force or time.monotonic() - polled >= POLL_S or batch.due():
+                            collect(pool.take(force=bool(force)))
+                            polled = time.monotonic()
+                        reason = settle(assembler.ready())
+                    if reason or signals.received:
+                        return reason
+                return None
+
+            stop_reason = stream(ds)
+            with signals.hold():
+                collect(pool.finish())
+                stop_reason = stop_reason or settle(assembler.ready())
+            # A node that died took its writer's buffered rows with it: its recordings' records arrived, not
+            # all their segments. Embed those recordings again, once, on the writers that are left.
+            lost = assembler.uncovered() if pool.lost and not (stop_reason or signals.received) else []
+            if lost:
+                log(
+                    f"[mert] {len(pool.lost)} writer(s) lost with their node: embedding {len(lost)} recording(s) again"
+                )
+                summary["re_embedded_after_writer_loss"] = len(lost)
+                assembler.forget(lost)
+                again = [i for i in todo if i.recording_id in set(lost)]
+                sink = rd.WriterSink(pool.by_node, by_recording=cfg.granularity == "recording")
+                stop_reason = stream(rd.build_dataset(ray, cfg, facts, again, placement, attempts, sink))
+                with signals.hold():
+                    collect(pool.finish())
             beat.close()
             with signals.hold():
-                for meta_ in pool.finish():
-                    assembler.add_flush(meta_)
                 reason = settle(
                     assembler.finish() if not (stop_reason or signals.received) else assembler.ready()
                 )
@@ -291,6 +325,13 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                 attempts.close()
             if pool is not None:
                 summary["writers"] = _writer_stats(pool)
+                total = received["blocks_bytes"] + received["flush_descriptions_bytes"]
+                summary["driver_received"] = {
+                    **received,
+                    "bytes_per_segment": round(total / received["segments"], 1)
+                    if received["segments"]
+                    else None,
+                }
                 pool.close()
                 _drop_uncommitted(table, assembler, batch)
             if commits and summary["status"] != "failed":
@@ -360,12 +401,12 @@ def _drop_uncommitted(table: FeatureTable, assembler: Assembler, batch: Batch) -
 
 
 def _maintain(table: FeatureTable, log: Log) -> dict:
-    """After a run that committed: rewrite flushes holding dead rows, delete files removed past the retention.
-    Cost: what changed. A failure here is reported, never the run's failure (vacuum finishes it)."""
+    """After a run that committed: delete the files of flushes that compaction or vacuum removed longer than the
+    retention ago (from the log, reading no feature file). Rewriting files that hold dead rows is vacuum's and
+    compact's (rewritten now, both copies would stay visible to plain readers for the retention period).
+    A failure here is reported, never the run's failure."""
     try:
-        out = purge(table)
-        out.update(delete_removed(table, DEFAULT_RETENTION_S))
-        return out
+        return delete_removed(table, DEFAULT_RETENTION_S)
     except Exception as exc:
         log(f"[mert] maintenance after the run failed ({type(exc).__name__}: {exc}); `vacuum` will redo it")
         return {"error": f"{type(exc).__name__}"}
@@ -375,6 +416,12 @@ def _json(text: str) -> dict:
     import json
 
     return json.loads(text)
+
+
+def _dumps(obj: dict) -> str:
+    import json
+
+    return json.dumps(obj)
 
 
 def _tombstone(previous: dict, reason: str) -> dict:

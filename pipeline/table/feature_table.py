@@ -138,6 +138,7 @@ class FeatureTable:
         rows = [{f.name: r.get(f.name) for f in LEDGER_SCHEMA if f.name != "version"} for r in ledger]
         for r in rows:
             r["parts"] = list(r.get("parts") or [])
+            r["run_id"] = r.get("run_id") or self.lease.run_id  # moved rows (compaction) keep their run's
         entry = {
             "kind": extra.pop("kind", "commit"),
             "run_id": self.lease.run_id,
@@ -249,7 +250,7 @@ class FeatureTable:
         by_status: dict[str, int] = {}
         by_error: dict[str, int] = {}
         hours = 0.0
-        for row in snap.ledger.values():
+        for row in (snap.ledger[k] for k in sorted(snap.ledger)):
             by_status[row["status"]] = by_status.get(row["status"], 0) + 1
             if row["status"] == "error":
                 k = row.get("error_kind") or "?"

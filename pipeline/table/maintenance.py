@@ -63,21 +63,22 @@ def purge(table: FeatureTable, limit: int | None = None) -> dict:
 
 
 def compact(table: FeatureTable, target_bytes: int = ROW_GROUP_BYTES) -> dict:
-    """Merge live flushes under target_bytes/2 into groups of about target_bytes; one commit."""
+    """Merge live flushes whose layer files are under target_bytes/2 into flushes of about target_bytes per layer
+    file; one commit."""
     snap = table.snapshot()
     live = snap.live()
     small = sorted(
-        (fid for fid, f in snap.flushes.items() if live.get(fid) and f.bytes() < target_bytes // 2),
+        (fid for fid, f in snap.flushes.items() if live.get(fid) and f.layer_bytes() < target_bytes // 2),
         key=lambda fid: (snap.flushes[fid].version, fid),
     )
     groups: list[list[str]] = [[]]
     total = 0
     for fid in small:
-        if groups[-1] and total + snap.flushes[fid].bytes() > target_bytes:
+        if groups[-1] and total + snap.flushes[fid].layer_bytes() > target_bytes:
             groups.append([])
             total = 0
         groups[-1].append(fid)
-        total += snap.flushes[fid].bytes()
+        total += snap.flushes[fid].layer_bytes()
     groups = [g for g in groups if len(g) > 1]
     if not groups:
         return {"merged_flushes": 0, "new_flushes": 0}

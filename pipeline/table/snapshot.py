@@ -60,7 +60,12 @@ class Flush:
         )
 
     def bytes(self) -> int:
+        """All its files' bytes."""
         return sum(int(f.get("bytes", 0)) for f in self.files)
+
+    def layer_bytes(self) -> int:
+        """Its largest layer file's bytes (what compaction's target is about: one file per layer)."""
+        return max((int(f.get("bytes", 0)) for f in self.files), default=0)
 
 
 @dataclass

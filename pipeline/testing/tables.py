@@ -117,6 +117,7 @@ def commit_recordings(
     w = writer(table, table.lease.run_id)
     w.add(block(recordings, value=value))
     meta = w.flush()
+    assert meta is not None
     rows = [
         {
             **record(rid, n, status=status, fingerprint=fingerprint),
@@ -125,6 +126,35 @@ def commit_recordings(
         for rid, n in recordings.items()
     ]
     return table.commit(rows, [meta] if status == "ok" else [])
+
+
+def committed_entries(root: str) -> int:
+    """How many log entries of a local table committed ledger rows so far (0 without a log): what a test
+    waits for before it kills a run midway. Reads the entries as they appear, never a partial one."""
+    import os
+
+    folder = os.path.join(root, "_log")
+    try:
+        names = [n for n in os.listdir(folder) if n.endswith(".json") and n[0].isdigit() and "checkpoint" not in n]
+    except FileNotFoundError:
+        return 0
+    n = 0
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                if json.loads(f.read()).get("ledger"):
+                    n += 1
+        except (FileNotFoundError, ValueError):
+            pass
+    return n
+
+
+def lease_holder(root: str, storage_options: dict | None = None) -> str | None:
+    """The run holding the table's lease (an epoch not released), or None."""
+    from pipeline.table import FeatureTable
+
+    epoch = FeatureTable(root, storage_options).snapshot().epoch
+    return None if epoch is None or epoch.get("released") else epoch.get("run_id")
 
 
 def main(argv: list[str] | None = None) -> int:
