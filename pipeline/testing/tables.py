@@ -135,7 +135,9 @@ def committed_entries(root: str) -> int:
 
     folder = os.path.join(root, "_log")
     try:
-        names = [n for n in os.listdir(folder) if n.endswith(".json") and n[0].isdigit() and "checkpoint" not in n]
+        names = [
+            n for n in os.listdir(folder) if n.endswith(".json") and n[0].isdigit() and "checkpoint" not in n
+        ]
     except FileNotFoundError:
         return 0
     n = 0
