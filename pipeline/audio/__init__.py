@@ -5,7 +5,8 @@ or imports torch or pyarrow. Each module imports only those listed before it:
   resample.py   StreamResampler: torchaudio's default sinc filter as a polyphase bank, any rate, bounded memory
   segments.py   THE segment rule (segment_bounds) and its streaming form (Segmenter)
   decode.py     LocalDecoder: fsspec open + PyAV decode + downmix + resample, in chunks; SourceInfo; fault kinds
-  isolate.py    DecoderProcess: the decoder child (`python -m pipeline.audio`) and its pipe protocol
+  isolate.py    DecoderProcess: the decoder child (`python -m pipeline.audio`), its pipe protocol and the
+                shared-memory ring the samples cross
   stream.py     read_segments / SegmentStream (decode + resample, isolated or not -> segment), decode_audio
 
     with read_segments(uri, sample_rate=24000, segments=SegmentConfig()) as stream:
@@ -21,7 +22,15 @@ from pipeline.audio.decode import (
     LocalDecoder,
     SourceInfo,
 )
-from pipeline.audio.isolate import FAULT_ENV, PARENT_ENV, DecoderProcess, default_decoder, injected
+from pipeline.audio.isolate import (
+    FAULT_ENV,
+    PARENT_ENV,
+    RING_SLOT_BYTES,
+    RING_SLOTS,
+    DecoderProcess,
+    default_decoder,
+    injected,
+)
 from pipeline.audio.resample import LOWPASS_FILTER_WIDTH, ROLLOFF, StreamResampler, sinc_filter_bank
 from pipeline.audio.segments import Segment, Segmenter, segment_bounds, window_samples
 from pipeline.audio.stream import SegmentStream, decode_audio, read_segments
@@ -33,6 +42,8 @@ __all__ = [
     "MIN_SOURCE_RATE_HZ",
     "PARENT_ENV",
     "READ_BLOCK_BYTES",
+    "RING_SLOTS",
+    "RING_SLOT_BYTES",
     "ROLLOFF",
     "DecoderProcess",
     "LocalDecoder",

@@ -380,8 +380,9 @@ class LocalDecoder:
                 "raise the decode time limit, or check the file",
             )
 
-    def chunks(self) -> Iterator[np.ndarray]:
-        """(n,) float32 mono chunks at `rate` Hz; sets info.duration_s/truncated/warning at the end."""
+    def chunks(self, *, borrow: bool = False) -> Iterator[np.ndarray]:
+        """(n,) float32 mono chunks at `rate` Hz; sets info.duration_s/truncated/warning at the end. Each chunk is
+        the caller's (`borrow` is accepted for the isolated source's signature and changes nothing here)."""
         if self.rate == self.info.sample_rate:
             yield from self._source_chunks()
             return
