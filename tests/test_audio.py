@@ -592,7 +592,7 @@ def test_the_child_resamples_and_matches_in_process_decoding(tmp_path: Path) -> 
     assert local.rate == 16000 and local.info.sample_rate == 44100
     want = np.concatenate(list(local.chunks()))
     local.close()
-    with DecoderProcess() as dec:
+    with DecoderProcess(batch_s=0) as dec:  # each 2 s chunk its own message
         src = dec.open(str(path), sample_rate=16000)
         assert src.rate == 16000 and src.info.sample_rate == 44100
         chunks = list(src.chunks())

@@ -388,13 +388,17 @@ def _dev_shm() -> set[str]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_chunks_through_the_ring_are_bit_exact_over_many_chunks_and_inline_ones(tmp_path: Path) -> None:
-    """60 chunks cross a 4-slot ring (every slot reused 15 times, borrowed and copied), and chunks too big for a
-    slot go inline: the samples are bit for bit those of the pipe-only child, and the segments those of
-    in-process decoding."""
+    """60 chunks cross a 4-slot ring one by one (every slot reused over a dozen times, borrowed and copied), or
+    gathered 8 s to a slot, and chunks too big for a slot go inline: the samples are bit for bit those of the
+    pipe-only child, and the segments those of in-process decoding."""
     from pipeline.audio import RING_SLOT_BYTES, RING_SLOTS, LocalDecoder
 
     path = synth.write_audio(tmp_path / "a.flac", synth.music_like(30.0, 44100, 2, seed=3), 44100, "flac")
-    with DecoderProcess() as ring, DecoderProcess(shared_memory=False) as pipe:
+    with (
+        DecoderProcess(batch_s=0) as ring,
+        DecoderProcess() as batched,
+        DecoderProcess(shared_memory=False) as pipe,
+    ):
         src = ring.open(str(path), sample_rate=24000, chunk_s=0.5)
         assert ring.pid is not None and _maps_ring(ring.pid)
         copied = list(src.chunks())
@@ -408,6 +412,12 @@ def test_chunks_through_the_ring_are_bit_exact_over_many_chunks_and_inline_ones(
             assert len(got) == len(want)
             for a, b in zip(got, want, strict=True):
                 assert a.dtype == np.float32 and a.tobytes() == b.tobytes()
+        src = batched.open(str(path), sample_rate=24000, chunk_s=0.5)
+        gathered = [c.copy() for c in src.chunks(borrow=True)]
+        assert len(gathered) == 4 and all(
+            c.size >= 8 * 24000 for c in gathered[:-1]
+        )  # 0.5 s chunks to >= 8 s
+        assert np.concatenate(gathered).tobytes() == np.concatenate(want).tobytes()
         # 12 s chunks at the source rate do not fit a slot: inline, the same samples
         big = int(12.0 * 44100 * 4)
         assert big > RING_SLOT_BYTES
@@ -432,7 +442,7 @@ def test_the_ring_survives_a_sigkilled_child_and_close_frees_it(tmp_path: Path) 
     file descriptor per restart); nothing ever appears in /dev/shm; close() releases the parent's ring."""
     path = synth.write_audio(tmp_path / "a.wav", synth.music_like(8.0, 16000, 1), 16000, "wav")
     shm_before = _dev_shm()
-    dec = DecoderProcess(stall_s=10)
+    dec = DecoderProcess(stall_s=10, batch_s=1.0)  # 8 messages per file: killed mid-file
     name = dec.ring_name
     try:
         fds, held = [], []

@@ -15,7 +15,7 @@ only small headers. A chunk larger than a slot, or a child started without a rin
 the pipe (b"C") instead.
 
 Protocol (stdin/stdout pipes; every message is 1 type byte + 4-byte big-endian payload length + payload):
-  parent -> child   b"O" pickle {uri, storage_options, chunk_s, sample_rate}   open and decode one input
+  parent -> child   b"O" pickle {uri, storage_options, chunk_s, sample_rate, batch_s}   decode one input
                     b"A" (empty)             the oldest ring slot in flight is free again (one per b"S")
                     b"Q" (empty)                                   exit
   child -> parent   b"H" JSON {sample_rate, channels, codec, container}           header, once per input
@@ -83,6 +83,7 @@ PIPE_BYTES = 1 << 20  # the child's stdout pipe (Linux's default pipe-max-size f
 RING_ENV = "MERT_PIPELINE_DECODER_RING"  # "fd:slots:slot_bytes" of the shared-memory ring the child inherits
 RING_SLOTS = 4  # chunks the child may run ahead of the parent
 RING_SLOT_BYTES = 2 << 20  # per slot: 2 s at up to 262 kHz; pages are allocated as chunks write them
+BATCH_S = 8.0  # default seconds of samples (at the chunks' rate) gathered in a slot before it is sent
 _SLOT = struct.Struct(">II")  # b"S" payload: slot index, number of float32 samples
 _ACK = _HDR.pack(b"A", 0)
 _RING_COUNTER = itertools.count()
@@ -108,21 +109,22 @@ def _read_exact_blocking(inp: BinaryIO, n: int) -> bytes | None:
 
 
 class _ChildRing:
-    """The child's end of the shared-memory ring (see the module docstring): the slots it may fill, in order."""
+    """The child's end of the shared-memory ring (see the module docstring): the slots it may fill, in order, and
+    the samples gathered in the current slot and not yet sent."""
 
     def __init__(self, spec: str):
         fd, slots, slot_bytes = (int(x) for x in spec.split(":"))
         self.slots, self.slot_bytes = slots, slot_bytes
         self.mm = mmap.mmap(fd, slots * slot_bytes)
         os.close(fd)
-        self.next = 0  # the slot the next chunk goes to
-        self.in_flight = 0  # slots sent and not yet acknowledged
+        self.reset()
 
     def reset(self) -> None:
         """A new input: every slot is free (the parent acknowledged all chunks of the previous one, or the child
         was replaced)."""
-        self.next = 0
-        self.in_flight = 0
+        self.next = 0  # the slot being filled
+        self.pending = 0  # samples in it, not yet sent
+        self.in_flight = 0  # slots sent and not yet acknowledged
 
 
 def _await_ack(inp: BinaryIO, ring: _ChildRing) -> None:
@@ -137,20 +139,35 @@ def _await_ack(inp: BinaryIO, ring: _ChildRing) -> None:
     ring.in_flight -= 1
 
 
-def _send_chunk(out: BinaryIO, inp: BinaryIO, ring: _ChildRing | None, chunk: np.ndarray) -> None:
-    """One chunk of samples to the parent: into the next ring slot (b"S", a 13-byte message on the pipe), or
-    inline (b"C") when there is no ring or the chunk does not fit a slot."""
+def _flush(out: BinaryIO, ring: _ChildRing | None) -> bool:
+    """Send the samples gathered in the current slot (b"S"), if any; whether a message went out."""
+    if ring is None or not ring.pending:
+        return False
+    _send(out, b"S", _SLOT.pack(ring.next, ring.pending))
+    ring.next = (ring.next + 1) % ring.slots
+    ring.pending = 0
+    ring.in_flight += 1
+    return True
+
+
+def _send_chunk(out: BinaryIO, inp: BinaryIO, ring: _ChildRing | None, chunk: np.ndarray, batch: int) -> bool:
+    """Pass one decoded chunk on to the parent: gathered into the current ring slot, which is sent (b"S") once it
+    holds `batch` samples or the next chunk would not fit (fewer, larger messages: fewer wake-ups on both sides;
+    the decode itself still runs `chunk_s` at a time, so the samples are the same); or inline (b"C") when there is
+    no ring or the chunk fits no slot. Whether a message went out."""
     samples = np.ascontiguousarray(chunk, dtype="<f4")
     if ring is None or samples.nbytes > ring.slot_bytes:
+        _flush(out, ring)  # in order
         _send(out, b"C", samples.data.cast("B"))  # the samples' own buffer, no copy
-        return
-    if ring.in_flight >= ring.slots:
+        return True
+    if (ring.pending + samples.size) * 4 > ring.slot_bytes:
+        _flush(out, ring)
+    if not ring.pending and ring.in_flight >= ring.slots:
         _await_ack(inp, ring)
-    slot = ring.next
-    np.frombuffer(ring.mm, dtype="<f4", count=samples.size, offset=slot * ring.slot_bytes)[:] = samples
-    _send(out, b"S", _SLOT.pack(slot, samples.size))
-    ring.next = (slot + 1) % ring.slots
-    ring.in_flight += 1
+    offset = ring.next * ring.slot_bytes + ring.pending * 4
+    np.frombuffer(ring.mm, dtype="<f4", count=samples.size, offset=offset)[:] = samples
+    ring.pending += samples.size
+    return _flush(out, ring) if ring.pending >= batch else False
 
 
 def injected(uri: str) -> dict[str, bool]:
@@ -253,13 +270,17 @@ def child_main() -> None:
                 ).encode(),
             )
             first = True
+            batch = max(1, int(req.get("batch_s", 0.0) * dec.rate))
             for chunk in dec.chunks():
-                _send_chunk(proto_out, inp, ring, chunk)
-                if first:
+                if _send_chunk(proto_out, inp, ring, chunk, batch) and first:
                     first = False
                     for a in ("crash_after", "hang_after"):
                         if acts.get(a):
                             _act(a)
+            if _flush(proto_out, ring) and first:
+                for a in ("crash_after", "hang_after"):
+                    if acts.get(a):
+                        _act(a)
             _send(
                 proto_out,
                 b"E",
@@ -406,11 +427,16 @@ class DecoderProcess:
 
     stall_s: seconds without any message from the child before it is killed (DecodeTimeout).
     shared_memory: samples cross through the shared-memory ring (default); False: inline on the pipe.
+    batch_s: seconds of samples the child gathers in a ring slot before it sends the slot (at most a slot's worth;
+        0: every decoded chunk is sent as it is). The decode runs `chunk_s` at a time whatever this is.
     """
 
-    def __init__(self, stall_s: float = 60.0, *, shared_memory: bool = True):
+    def __init__(self, stall_s: float = 60.0, *, shared_memory: bool = True, batch_s: float = BATCH_S):
         if not stall_s > 0:
             raise ValueError(f"stall_s={stall_s!r}: must be a positive number of seconds")
+        if not batch_s >= 0:
+            raise ValueError(f"batch_s={batch_s!r}: must be a number of seconds >= 0")
+        self.batch_s = float(batch_s)
         self.stall_s = float(stall_s)
         self.shared_memory = bool(shared_memory)
         self._ring_fd: int | None = None  # the ring's anonymous file, handed to every child started
@@ -663,7 +689,13 @@ class DecoderProcess:
                 )
             self._busy = True
         req = pickle.dumps(
-            {"uri": uri, "storage_options": storage_options, "chunk_s": chunk_s, "sample_rate": sample_rate}
+            {
+                "uri": uri,
+                "storage_options": storage_options,
+                "chunk_s": chunk_s,
+                "sample_rate": sample_rate,
+                "batch_s": self.batch_s,
+            }
         )
         for attempt in range(2):
             if self._proc is None or self._proc.poll() is not None:
