@@ -662,7 +662,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="length of each CPU-section file (default %(default)s)",
     )
     ap.add_argument(
-        "--cpu-repeats", type=int, default=3, help="interleaved CPU-section rounds (default %(default)s)"
+        "--cpu-repeats", type=int, default=5, help="interleaved CPU-section rounds (default %(default)s)"
     )
     ap.add_argument("--device", default="cpu", help="--section model: cpu or cuda (default %(default)s)")
     ap.add_argument(
