@@ -11,8 +11,9 @@ Samples cross through shared memory: a ring of RING_SLOTS slots of RING_SLOT_BYT
 (memfd_create on Linux, an already-unlinked temporary file elsewhere) that the parent creates and the child
 inherits as a file descriptor. It has no name in /dev/shm or anywhere, so nothing can leak: the kernel frees it
 when the last process that maps it exits, whichever dies first and however (SIGKILL included). The pipe carries
-only small headers. A chunk larger than a slot, or a child started without a ring, sends its samples inline on
-the pipe (b"C") instead.
+only small headers. The child gathers consecutive decoded chunks in a slot until it holds `batch_s` seconds
+(DecoderProcess(batch_s=...), 8 s by default), then sends it: fewer messages and wake-ups, the same samples. A
+chunk larger than a slot, or a child started without a ring, sends its samples inline on the pipe (b"C") instead.
 
 Protocol (stdin/stdout pipes; every message is 1 type byte + 4-byte big-endian payload length + payload):
   parent -> child   b"O" pickle {uri, storage_options, chunk_s, sample_rate, batch_s}   decode one input
