@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.run                          # random MERT-v1-95M, 2 x 3-minute MP3 tracks
     .venv/bin/python -m benchmarks.run --model DIR --corpus FOLDER --out results.json
-    .venv/bin/python -m benchmarks.run --section cpu            # the CPU stage per format, alone (~1 minute)
+    .venv/bin/python -m benchmarks.run --section cpu            # the CPU stage per format, alone (~2.5 minutes)
     .venv/bin/python -m benchmarks.run --section model --like MERT-v1-330M --device cuda --dtype bfloat16
 
 On the same corpus and model it measures, in audio seconds per wall second:
