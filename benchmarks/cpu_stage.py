@@ -9,8 +9,9 @@ of the worker AND its decoder child, psutil) per audio second of:
   local      the CPU stage in the worker (pipeline.stages.decode_input, isolate=False): read, decode, resample,
              segment, Arrow tables;
   isolated   the same with isolate=True (the default): decoding in the child, what a decode task runs.
-It reports their ratios (stage / limit, and isolated / local - 1 = the cost of isolation), all measured in one run
-(the machine is noisy: never compare bare times across runs), the median over the rounds, and the peak USS
+It reports their ratios (stage / limit, and isolated / local - 1 = the cost of isolation: the median of the rounds'
+own ratios), all measured in one run (the machine is noisy: never compare bare times across runs), the median over
+the rounds, the isolated variant's CPU split into worker and child, and the peak USS
 (psutil memory_full_info().uss, sampled every 20 ms) of the worker plus its child while the isolated stage runs.
 """
 
@@ -167,37 +168,47 @@ class PeakUSS:
 
 def measure(path: str, sample_rate: int, repeats: int) -> dict:
     """In this (fresh) process: the three variants on `path`, interleaved `repeats` times (after one warm-up
-    each); CPU per audio second (median), their ratios, and the worker + child peak USS."""
+    each); CPU per audio second (median), their ratios, and the worker + child peak USS. The cost of isolation is
+    the median over the rounds of each round's isolated / local - 1: the two run back to back, so a round's ratio
+    cancels the machine's drift (a shared VM's speed moves by 10 % and more within a minute), which the ratio of
+    the two medians does not."""
     from pipeline.audio import default_decoder
 
     dec = default_decoder()
     runs: dict[str, list[float]] = {"limit": [], "local": [], "isolated": []}
+    split: dict[str, list[float]] = {"worker": [], "child": []}  # of the isolated variant
     audio = 0.0
-    if True:
-        for r in range(repeats + 1):
-            for name in runs:
-                child = dec.pid
-                c0, k0 = _cpu(os.getpid()), _cpu(child)
-                if name == "limit":
-                    audio = limit(path, sample_rate)
-                else:
-                    audio = _stage(path, sample_rate, isolate=name == "isolated")
-                cpu = _cpu(os.getpid()) - c0
-                if name == "isolated":  # the child started during the first round counts from its start
-                    cpu += _cpu(dec.pid) - (k0 if dec.pid == child else 0.0)
+    for r in range(repeats + 1):
+        for name in runs:
+            child = dec.pid
+            c0, k0 = _cpu(os.getpid()), _cpu(child)
+            if name == "limit":
+                audio = limit(path, sample_rate)
+            else:
+                audio = _stage(path, sample_rate, isolate=name == "isolated")
+            cpu = _cpu(os.getpid()) - c0
+            if name == "isolated":  # the child started during the first round counts from its start
+                kid = _cpu(dec.pid) - (k0 if dec.pid == child else 0.0)
                 if r > 0:
-                    runs[name].append(cpu / audio)
+                    split["worker"].append(cpu / audio)
+                    split["child"].append(kid / audio)
+                cpu += kid
+            if r > 0:
+                runs[name].append(cpu / audio)
     imported = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "pyarrow", "transformers"})
     dec.close()
     cpu_per_s = {k: statistics.median(v) for k, v in runs.items()}
+    per_round = [i / loc - 1 for i, loc in zip(runs["isolated"], runs["local"], strict=True)]
     return {
         "file": Path(path).name,
         "audio_s": round(audio, 2),
         "cpu_s_per_audio_s": {k: round(v, 6) for k, v in cpu_per_s.items()},
+        "isolated_cpu_s_per_audio_s": {k: round(statistics.median(v), 6) for k, v in split.items()},
         "audio_s_per_cpu_s": {k: round(1 / v, 1) for k, v in cpu_per_s.items()},
         "isolated_over_limit": round(cpu_per_s["isolated"] / cpu_per_s["limit"], 3),
         "local_over_limit": round(cpu_per_s["local"] / cpu_per_s["limit"], 3),
-        "isolation_overhead": round(cpu_per_s["isolated"] / cpu_per_s["local"] - 1, 3),
+        "isolation_overhead": round(statistics.median(per_round), 3),
+        "isolation_overhead_per_round": [round(x, 3) for x in per_round],
         "worker_imports": imported,
         "repeats": repeats,
     }

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.run                          # random MERT-v1-95M, 2 x 3-minute MP3 tracks
     .venv/bin/python -m benchmarks.run --model DIR --corpus FOLDER --out results.json
-    .venv/bin/python -m benchmarks.run --section cpu            # the CPU stage per format, alone (~1 minute)
+    .venv/bin/python -m benchmarks.run --section cpu            # the CPU stage per format, alone (~2.5 minutes)
     .venv/bin/python -m benchmarks.run --section model --like MERT-v1-330M --device cuda --dtype bfloat16
 
 On the same corpus and model it measures, in audio seconds per wall second:
@@ -662,7 +662,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="length of each CPU-section file (default %(default)s)",
     )
     ap.add_argument(
-        "--cpu-repeats", type=int, default=3, help="interleaved CPU-section rounds (default %(default)s)"
+        "--cpu-repeats", type=int, default=5, help="interleaved CPU-section rounds (default %(default)s)"
     )
     ap.add_argument("--device", default="cpu", help="--section model: cpu or cuda (default %(default)s)")
     ap.add_argument(

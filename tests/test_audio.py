@@ -19,7 +19,14 @@ import torch
 import torchaudio
 
 from pipeline import synth
-from pipeline.audio import FAULT_ENV, DecoderProcess, StreamResampler, decode_audio, read_segments
+from pipeline.audio import (
+    FAULT_ENV,
+    DecoderProcess,
+    StreamResampler,
+    decode_audio,
+    probe_duration,
+    read_segments,
+)
 from pipeline.config import SegmentConfig
 from pipeline.errors import (
     DecodeError,
@@ -585,7 +592,7 @@ def test_the_child_resamples_and_matches_in_process_decoding(tmp_path: Path) -> 
     assert local.rate == 16000 and local.info.sample_rate == 44100
     want = np.concatenate(list(local.chunks()))
     local.close()
-    with DecoderProcess() as dec:
+    with DecoderProcess(batch_s=0) as dec:  # each 2 s chunk its own message
         src = dec.open(str(path), sample_rate=16000)
         assert src.rate == 16000 and src.info.sample_rate == 44100
         chunks = list(src.chunks())
@@ -598,3 +605,23 @@ def test_the_child_resamples_and_matches_in_process_decoding(tmp_path: Path) -> 
     np.testing.assert_array_equal(iso, got)
     with pytest.raises(ValueError, match="sample_rate=0"):
         DecoderProcess().open(str(path), sample_rate=0)
+
+
+# ------------------------------------------------------------------------------------------ duration probing
+
+
+def test_probe_duration_reads_the_declared_duration_and_never_raises(tmp_path: Path) -> None:
+    """probe_duration on real encoded files gives their length from the headers; a corrupt, empty or missing file
+    gives None instead of raising."""
+
+    for fmt, rate in (("mp3", 44100), ("flac", 48000), ("wav", 16000)):
+        path = synth.write_audio(tmp_path / f"a.{fmt}", synth.music_like(5.0, rate, 2, seed=1), rate, fmt)
+        got = probe_duration(str(path), None)
+        assert got is not None and abs(got - 5.0) < 0.1, (fmt, got)
+        assert probe_duration(path.as_uri(), {}) == got
+    corrupt = tmp_path / "corrupt.mp3"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    for bad in (corrupt, empty, tmp_path / "missing.flac"):
+        assert probe_duration(str(bad), None) is None

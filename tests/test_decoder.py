@@ -4,6 +4,7 @@ storage faults (a real S3-protocol server), and a decoder child dies with the pr
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import synth
@@ -26,7 +28,7 @@ from pipeline.audio import (
     read_segments,
 )
 from pipeline.config import SegmentConfig
-from pipeline.errors import DecodeError, InputFault, InputNotFound, StorageError
+from pipeline.errors import DecodeError, DecoderCrashed, InputFault, InputNotFound, StorageError
 from pipeline.stages import decode_input
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,3 +337,210 @@ def test_the_decoder_child_imports_neither_torch_nor_pyarrow(tmp_path: Path) -> 
     modules = {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines() if "|" in line}
     assert {"numpy", "av", "fsspec", "pipeline"} <= modules
     assert not modules & {"torch", "pyarrow", "transformers", "torchaudio", "ray", "pandas"}, sorted(modules)
+
+
+# ------------------------------------------------------------------------- the shared-memory ring of the child
+
+_RING = "memfd:mert-decoder-ring-"
+
+
+def _maps_ring(pid: int, name: str = _RING) -> bool:
+    """Whether process `pid` maps a decoder ring (the child's anonymous shared memory), or the one named."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return name in f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _ring_holders(name: str) -> list[int]:
+    """Every process that maps or holds open a ring whose name starts with `name`."""
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            mapped = _maps_ring(int(entry), name)
+            held = any(
+                name in os.readlink(f"/proc/{entry}/fd/{fd}") for fd in os.listdir(f"/proc/{entry}/fd")
+            )
+        except OSError:
+            continue
+        if mapped or held:
+            holders.append(int(entry))
+    return holders
+
+
+def _own_ring_fds(name: str) -> int:
+    """File descriptors of this process on the ring `name`."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += name in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+def _dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_chunks_through_the_ring_are_bit_exact_over_many_chunks_and_inline_ones(tmp_path: Path) -> None:
+    """60 chunks cross a 4-slot ring one by one (every slot reused over a dozen times, borrowed and copied), or
+    gathered 8 s to a slot, and chunks too big for a slot go inline: the samples are bit for bit those of the
+    pipe-only child, and the segments those of in-process decoding."""
+    from pipeline.audio import RING_SLOT_BYTES, RING_SLOTS, LocalDecoder
+
+    path = synth.write_audio(tmp_path / "a.flac", synth.music_like(30.0, 44100, 2, seed=3), 44100, "flac")
+    with (
+        DecoderProcess(batch_s=0) as ring,
+        DecoderProcess() as batched,
+        DecoderProcess(shared_memory=False) as pipe,
+    ):
+        src = ring.open(str(path), sample_rate=24000, chunk_s=0.5)
+        assert ring.pid is not None and _maps_ring(ring.pid)
+        copied = list(src.chunks())
+        src = ring.open(str(path), sample_rate=24000, chunk_s=0.5)
+        borrowed = [c.copy() for c in src.chunks(borrow=True)]
+        src = pipe.open(str(path), sample_rate=24000, chunk_s=0.5)
+        assert pipe.pid is not None and not _maps_ring(pipe.pid)
+        want = list(src.chunks())
+        assert len(want) >= 14 * RING_SLOTS  # every slot reused over a dozen times
+        for got in (copied, borrowed):
+            assert len(got) == len(want)
+            for a, b in zip(got, want, strict=True):
+                assert a.dtype == np.float32 and a.tobytes() == b.tobytes()
+        src = batched.open(str(path), sample_rate=24000, chunk_s=0.5)
+        gathered = [c.copy() for c in src.chunks(borrow=True)]
+        assert len(gathered) == 4 and all(
+            c.size >= 8 * 24000 for c in gathered[:-1]
+        )  # 0.5 s chunks to >= 8 s
+        assert np.concatenate(gathered).tobytes() == np.concatenate(want).tobytes()
+        # 12 s chunks at the source rate do not fit a slot: inline, the same samples
+        big = int(12.0 * 44100 * 4)
+        assert big > RING_SLOT_BYTES
+        src = ring.open(str(path), chunk_s=12.0)
+        inline = np.concatenate(list(src.chunks()))
+        local = LocalDecoder(str(path), chunk_s=12.0)
+        assert inline.tobytes() == np.concatenate(list(local.chunks())).tobytes()
+        local.close()
+        cfg = SegmentConfig()
+        with read_segments(str(path), sample_rate=24000, segments=cfg, decoder=ring, chunk_s=0.5) as s:
+            segs = [seg.samples for seg in s]
+    with read_segments(str(path), sample_rate=24000, segments=cfg, isolate=False, chunk_s=0.5) as s:
+        local_segs = [seg.samples for seg in s]
+    assert len(segs) == len(local_segs) >= 5
+    for a, b in zip(segs, local_segs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)  # the child's BLAS is single-threaded
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_ring_survives_a_sigkilled_child_and_close_frees_it(tmp_path: Path) -> None:
+    """A child SIGKILLed mid-file is a DecoderCrashed; the next child reuses the ring (no new memory, no new
+    file descriptor per restart); nothing ever appears in /dev/shm; close() releases the parent's ring."""
+    path = synth.write_audio(tmp_path / "a.wav", synth.music_like(8.0, 16000, 1), 16000, "wav")
+    shm_before = _dev_shm()
+    dec = DecoderProcess(stall_s=10, batch_s=1.0)  # 8 messages per file: killed mid-file
+    name = dec.ring_name
+    try:
+        fds, held = [], []
+        for _ in range(3):
+            src = dec.open(str(path), sample_rate=16000, chunk_s=0.5)
+            chunks = src.chunks(borrow=True)
+            held.append(next(chunks))  # a borrowed view of the ring, kept past its time
+            child = dec.pid
+            assert child is not None and _maps_ring(child, name)
+            os.kill(child, signal.SIGKILL)
+            with pytest.raises(DecoderCrashed, match="killed by SIGKILL"):
+                list(chunks)
+            fds.append(_own_ring_fds(name))
+        assert fds[0] > 0 and fds == fds[:1] * 3  # one ring, however many children
+        with read_segments(str(path), sample_rate=16000, segments=SegmentConfig(), decoder=dec) as s:
+            assert len(list(s)) == 2
+        assert dec.restarts == 3
+    finally:
+        dec.close()
+    assert _own_ring_fds(name) > 0  # a borrowed chunk still viewing the ring keeps its mapping alive...
+    del src, chunks, held
+    gc.collect()  # ... until it goes
+    assert _own_ring_fds(name) == 0 and _ring_holders(name) == []
+    assert _dev_shm() == shm_before
+
+
+_WORKER = textwrap.dedent("""
+    import os, signal, sys
+    from pipeline.audio import DecoderProcess, read_segments
+    from pipeline.config import SegmentConfig
+    dec = DecoderProcess(stall_s=60)
+    stream = read_segments(sys.argv[1], sample_rate=16000, segments=SegmentConfig(), decoder=dec, chunk_s=0.5)
+    segments = iter(stream)
+    next(segments)  # mid-file: the child is streaming through the ring
+    print(dec.pid, dec.ring_name, flush=True)
+    sys.stdin.readline()
+    if sys.argv[2] == "raise":
+        raise RuntimeError("the worker fails mid-file")
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["raise", "sigkill"])
+def test_a_worker_that_dies_midfile_leaves_no_shared_memory(tmp_path: Path, how: str) -> None:
+    """A worker process that fails with an exception, or is SIGKILLed, while its child streams through the ring:
+    the child dies too and no process maps or holds the ring any more; /dev/shm is unchanged."""
+    path = synth.write_audio(tmp_path / "a.wav", synth.music_like(20.0, 16000, 1), 16000, "wav")
+    shm_before = _dev_shm()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(path), how],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    child = None
+    try:
+        pid, name = worker.stdout.readline().split()
+        child = int(pid)
+        assert sorted(_ring_holders(name)) == sorted([worker.pid, child])
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        code = worker.wait(timeout=30)
+        assert code == (1 if how == "raise" else -signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+        assert _ring_holders(name) == []
+        assert _dev_shm() == shm_before
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; glibc's malloc")
+def test_a_warm_decoder_child_decodes_without_fresh_pages(tmp_path: Path) -> None:
+    """The child keeps the memory its chunks freed (mallopt): a warm child decodes 30 s of MP3 with few
+    page faults (glibc's defaults gave about 1,200 here: every chunk buffer came back as fresh pages)."""
+    path = synth.write_audio(tmp_path / "a.mp3", synth.music_like(30.0, 44100, 2, seed=5), 44100, "mp3")
+    with DecoderProcess() as dec:
+        faults = []
+        for _ in range(2):
+            child = dec.pid
+            f0 = _minor_faults(child) if child is not None else 0
+            src = dec.open(str(path), sample_rate=24000)
+            n = sum(c.size for c in src.chunks(borrow=True))
+            assert dec.pid is not None and n > 29 * 24000
+            faults.append(_minor_faults(dec.pid) - f0)
+    assert faults[1] < 300, faults

@@ -1,12 +1,144 @@
-"""Container structure checks at the end of a file: whether a WAV/AIFF, MP4/M4A, ASF/WMA or Ogg file is cut short
-or followed by other bytes, from its own headers (RIFF/FORM sizes, top-level boxes, objects, the last page and
-its end-of-stream flag). Reads a few small ranges of an open seekable file; never fails (a failed check is a
-warning)."""
+"""Opening an input and reading its container: the fsspec file (open_input), the file object FFmpeg reads
+through (DemuxerIO, which keeps storage failures apart from the demuxer's own invalid requests), the PyAV container
+(av_open), its declared duration (probe_duration), and structure checks at the end of a file (tail_check): whether
+a WAV/AIFF, MP4/M4A, ASF/WMA or Ogg file is cut short or followed by other bytes, from its own headers (RIFF/FORM
+sizes, top-level boxes, objects, the last page and its end-of-stream flag). tail_check reads a few small ranges of
+an open seekable file and never fails (a failed check is a warning); probe_duration never raises either.
+"""
 
 from __future__ import annotations
 
 import struct
 from typing import Any
+
+from pipeline.storage import get_fs, storage_fault
+
+# fsspec read block for remote inputs: big enough for few requests, small enough to keep memory flat (bytes)
+READ_BLOCK_BYTES = 4 * 1024 * 1024
+
+
+class DemuxerIO:
+    """The file object FFmpeg reads through (PyAV calls read/seek/tell from the demuxer): it keeps what the
+    STORAGE layer failed at apart from what the DEMUXER asked for wrongly.
+
+    - A seek before the start of the file (or with an unknown `whence`) is an invalid request: it raises
+      InvalidRequest and is remembered in `invalid`; it never reaches the storage layer.
+    - A seek at or past the end (a damaged header's object size, say) is answered here: the position moves, reads
+      there return b"" (end of file), as a local file does; it never reaches the storage layer either (a local
+      lseek past the filesystem's largest offset fails with EINVAL, an object store would fetch nothing).
+    - An exception of the underlying read or seek is the storage layer's: it is remembered in `storage_failure`
+      and re-raised.
+
+    PyAV keeps only one of the exceptions its callbacks raise (and may report an FFmpegError instead), so the
+    decoder classifies a failure by what was remembered here, not by the exception that came out of av.
+    """
+
+    def __init__(self, f: Any, size: int):
+        self._f = f
+        self.size = size
+        self._pos = 0
+        self.invalid: str | None = None  # the first invalid request the demuxer made
+        self.past_end: int | None = None  # the farthest offset past the end it asked for
+        self.storage_failure: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence not in (0, 1, 2):
+            self.invalid = self.invalid or f"a seek with whence={whence!r}"
+            raise InvalidRequest(self.invalid)
+        target = offset + (0, self._pos, self.size)[whence]
+        if target < 0:
+            self.invalid = self.invalid or f"a seek to byte {target} (before the start of the file)"
+            raise InvalidRequest(self.invalid)
+        if target >= self.size:
+            if target > self.size:
+                self.past_end = max(self.past_end or 0, target)
+            self._pos = target
+            return target
+        try:
+            self._f.seek(target)
+        except Exception as exc:
+            self.storage_failure = self.storage_failure or exc
+            raise
+        self._pos = target
+        return target
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= self.size:
+            return b""
+        try:
+            data = self._f.read(n)
+        except Exception as exc:
+            self.storage_failure = self.storage_failure or exc
+            raise
+        self._pos += len(data)
+        return data
+
+
+class InvalidRequest(Exception):
+    """The demuxer asked DemuxerIO for something no file can give (a seek before the start)."""
+
+
+def open_input(uri: str, storage_options: dict | None) -> tuple[Any, int]:
+    """Open `uri` as a seekable binary stream through fsspec. Returns (file object, size in bytes)."""
+    try:
+        fs, path = get_fs(uri, storage_options)
+        f = fs.open(path, "rb", block_size=READ_BLOCK_BYTES)
+    except ImportError:
+        raise
+    except Exception as exc:  # every storage failure becomes a classified fault
+        raise storage_fault(uri, exc) from None
+    try:
+        size = getattr(f, "size", None)
+        if size is None:
+            size = f.seek(0, 2)
+            f.seek(0)
+        return f, int(size)
+    except Exception as exc:
+        f.close()
+        raise storage_fault(uri, exc) from None
+
+
+def av_open(io: DemuxerIO) -> Any:
+    """The PyAV input container over `io` (metadata that does not decode is ignored, not an error)."""
+    import av
+
+    return av.open(io, mode="r", metadata_errors="ignore")
+
+
+def probe_duration(uri: str, storage_options: dict | None = None) -> float | None:
+    """The duration in seconds that `uri`'s container declares, else its first audio stream's, else None. Reads
+    the headers only (no decoding), so it is an estimate: a file cut short still reports what its header says.
+    Never raises: a missing, unreadable, empty or undecodable file gives None."""
+    f = container = None
+    try:
+        f, size = open_input(uri, storage_options)
+        if size == 0:
+            return None
+        container = av_open(DemuxerIO(f, size))
+        if container.duration and container.duration > 0:
+            return container.duration / 1_000_000
+        for stream in container.streams.audio[:1]:
+            if stream.duration and stream.time_base and stream.duration > 0:
+                return float(stream.duration * stream.time_base)
+        return None
+    except Exception:  # an estimate skips what it cannot probe
+        return None
+    finally:
+        for closable in (container, f):
+            if closable is not None:
+                try:
+                    closable.close()
+                except Exception:
+                    pass
 
 
 def tail_check(f: Any, size: int, container: str) -> str | None:

@@ -2,7 +2,7 @@
 (straight into the chunk being filled) and resample to the model's rate as it decodes (LocalDecoder), with what
 decoded described by SourceInfo.
 
-Where a failure happened decides its kind: FFmpeg reads through _DemuxerIO, so only a read or seek that the
+Where a failure happened decides its kind: FFmpeg reads through container.DemuxerIO, so only a read or seek that the
 STORAGE layer failed is a storage fault (transient or not, as pipeline.storage.storage_fault says); an impossible
 request of the demuxer (a header whose sizes point outside the file) and whatever FFmpeg reports are permanent
 `decode` faults, as is a header declaring a source rate outside MIN_SOURCE_RATE_HZ..MAX_SOURCE_RATE_HZ.
@@ -22,13 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audio.container import tail_check
+from pipeline.audio.container import DemuxerIO, av_open, open_input, tail_check
 from pipeline.audio.resample import StreamResampler
 from pipeline.errors import DecodeError, DecodeTimeout, EmptyAudio, InputFault, NoAudioStream, NonFiniteAudio
-from pipeline.storage import get_fs, storage_fault
+from pipeline.storage import storage_fault
 
-# fsspec read block for remote inputs: big enough for few requests, small enough to keep memory flat (bytes)
-READ_BLOCK_BYTES = 4 * 1024 * 1024
 # the shortfall against the declared duration that counts as "cut short": max(seconds, fraction of declared)
 _SHORTFALL_S = 0.1
 _SHORTFALL_FRAC = 0.02
@@ -153,77 +151,7 @@ def downmix_into(frame: Any, out: np.ndarray) -> None:
         out *= np.float32(scale)
 
 
-class _DemuxerIO:
-    """The file object FFmpeg reads through (PyAV calls read/seek/tell from the demuxer): it keeps what the
-    STORAGE layer failed at apart from what the DEMUXER asked for wrongly.
-
-    - A seek before the start of the file (or with an unknown `whence`) is an invalid request: it raises
-      InvalidRequest and is remembered in `invalid`; it never reaches the storage layer.
-    - A seek at or past the end (a damaged header's object size, say) is answered here: the position moves, reads
-      there return b"" (end of file), as a local file does; it never reaches the storage layer either (a local
-      lseek past the filesystem's largest offset fails with EINVAL, an object store would fetch nothing).
-    - An exception of the underlying read or seek is the storage layer's: it is remembered in `storage_failure`
-      and re-raised.
-
-    PyAV keeps only one of the exceptions its callbacks raise (and may report an FFmpegError instead), so the
-    decoder classifies a failure by what was remembered here, not by the exception that came out of av.
-    """
-
-    def __init__(self, f: Any, size: int):
-        self._f = f
-        self.size = size
-        self._pos = 0
-        self.invalid: str | None = None  # the first invalid request the demuxer made
-        self.past_end: int | None = None  # the farthest offset past the end it asked for
-        self.storage_failure: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        if whence not in (0, 1, 2):
-            self.invalid = self.invalid or f"a seek with whence={whence!r}"
-            raise InvalidRequest(self.invalid)
-        target = offset + (0, self._pos, self.size)[whence]
-        if target < 0:
-            self.invalid = self.invalid or f"a seek to byte {target} (before the start of the file)"
-            raise InvalidRequest(self.invalid)
-        if target >= self.size:
-            if target > self.size:
-                self.past_end = max(self.past_end or 0, target)
-            self._pos = target
-            return target
-        try:
-            self._f.seek(target)
-        except Exception as exc:
-            self.storage_failure = self.storage_failure or exc
-            raise
-        self._pos = target
-        return target
-
-    def read(self, n: int = -1) -> bytes:
-        if self._pos >= self.size:
-            return b""
-        try:
-            data = self._f.read(n)
-        except Exception as exc:
-            self.storage_failure = self.storage_failure or exc
-            raise
-        self._pos += len(data)
-        return data
-
-
-class InvalidRequest(Exception):
-    """The demuxer asked _DemuxerIO for something no file can give (a seek before the start)."""
-
-
-def _io_fault(uri: str, io: _DemuxerIO, exc: BaseException, codec: str | None) -> InputFault:
+def _io_fault(uri: str, io: DemuxerIO, exc: BaseException, codec: str | None) -> InputFault:
     """A failure that came out of PyAV while it read through `io`, classified by where it really happened.
 
     Only a failed read or seek of the storage layer is a storage fault (transient when the storage layer says so:
@@ -256,26 +184,6 @@ def _io_fault(uri: str, io: _DemuxerIO, exc: BaseException, codec: str | None) -
     return fault
 
 
-def _open_input(uri: str, storage_options: dict | None) -> tuple[Any, int]:
-    """Open `uri` as a seekable binary stream through fsspec. Returns (file object, size in bytes)."""
-    try:
-        fs, path = get_fs(uri, storage_options)
-        f = fs.open(path, "rb", block_size=READ_BLOCK_BYTES)
-    except ImportError:
-        raise
-    except Exception as exc:  # every storage failure becomes a classified fault
-        raise storage_fault(uri, exc) from None
-    try:
-        size = getattr(f, "size", None)
-        if size is None:
-            size = f.seek(0, 2)
-            f.seek(0)
-        return f, int(size)
-    except Exception as exc:
-        f.close()
-        raise storage_fault(uri, exc) from None
-
-
 def _grown(buf: np.ndarray, used: int, need: int) -> np.ndarray:
     """`buf` with room for `need` samples, its first `used` kept."""
     new = np.empty(max(need, 2 * buf.size), dtype=np.float32)
@@ -300,23 +208,20 @@ class LocalDecoder:
         time_limit_s: float | None = None,
         sample_rate: int | None = None,
     ):
-        import av
-        import av.logging
-
         if sample_rate is not None and not (isinstance(sample_rate, int) and sample_rate > 0):
             raise ValueError(f"sample_rate={sample_rate!r}: must be a positive integer number of Hz, or None")
         self.uri = uri
         self.chunk_s = chunk_s
         self.time_limit_s = time_limit_s
         self._t0 = time.monotonic()
-        self._file, self._size = _open_input(uri, storage_options)
-        self._io = _DemuxerIO(self._file, self._size)
+        self._file, self._size = open_input(uri, storage_options)
+        self._io = DemuxerIO(self._file, self._size)
         self._container = None
         try:
             if self._size == 0:
                 raise EmptyAudio(uri, "the file is empty (0 bytes)", "re-upload or remove it")
             try:
-                self._container = av.open(self._io, mode="r", metadata_errors="ignore")
+                self._container = av_open(self._io)
             except InputFault:
                 raise
             except Exception as exc:  # FFmpeg's error, or one of its I/O callbacks': classified
@@ -380,8 +285,9 @@ class LocalDecoder:
                 "raise the decode time limit, or check the file",
             )
 
-    def chunks(self) -> Iterator[np.ndarray]:
-        """(n,) float32 mono chunks at `rate` Hz; sets info.duration_s/truncated/warning at the end."""
+    def chunks(self, *, borrow: bool = False) -> Iterator[np.ndarray]:
+        """(n,) float32 mono chunks at `rate` Hz; sets info.duration_s/truncated/warning at the end. Each chunk is
+        the caller's (`borrow` is accepted for the isolated source's signature and changes nothing here)."""
         if self.rate == self.info.sample_rate:
             yield from self._source_chunks()
             return

@@ -45,7 +45,9 @@ class SegmentStream:
                     f"{self.uri}: the source yields {self._source.rate} Hz, the stream wants {self.sample_rate} Hz"
                 )
             segmenter = Segmenter(self.sample_rate, self.segment_config)
-            for chunk in self._source.chunks():
+            # borrowed: a chunk of the isolated source may view shared memory that the child reuses once the
+            # next chunk is asked for; Segmenter.push copies what it keeps before that
+            for chunk in self._source.chunks(borrow=True):
                 for seg in segmenter.push(chunk):
                     self.num_segments += 1
                     yield seg
