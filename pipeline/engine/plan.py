@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import __version__
+from pipeline.audio import probe_duration
 from pipeline.config import RunConfig, SegmentConfig
 from pipeline.errors import PipelineError
 from pipeline.inputs import InputItem, list_inputs, read_manifest
@@ -191,7 +192,7 @@ def estimate(cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], loaded, l
     sample = todo[:: max(1, len(todo) // 16)][:16]
     secs, size = 0.0, 0
     for item in sample:
-        d = _probe_duration(item.uri, cfg.in_options)
+        d = probe_duration(item.uri, cfg.in_options)
         if d:
             secs += d
             size += max(1, item.size)
@@ -223,24 +224,6 @@ def estimate(cfg: RunConfig, facts: ModelFacts, todo: list[InputItem], loaded, l
         "estimated_hours_at_that_rate_per_actor": round(hours * 3600 / rate / 3600, 3) if rate else None,
         "note": "time is measured on this machine's CPU with one model batch; a GPU is typically far faster",
     }
-
-
-def _probe_duration(uri: str, storage_options: dict) -> float | None:
-    import av
-
-    from pipeline.storage import get_fs
-
-    try:
-        fs, path = get_fs(uri, storage_options)
-        with fs.open(path, "rb") as f, av.open(f) as c:
-            if c.duration:
-                return c.duration / 1_000_000
-            stream = c.streams.audio[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-    except Exception:  # an estimate skips what it cannot probe
-        return None
-    return None
 
 
 def table_meta(cfg: RunConfig, facts: ModelFacts) -> dict:
