@@ -185,9 +185,9 @@ def child_driver(spec: dict) -> dict:
         num_gpus=0,
         progress=False,
     )
-    c0, w0 = cpu_s(), time.perf_counter()
+    c0, w0, m0 = cpu_s(), time.perf_counter(), time.thread_time()
     summary = run(cfg, log=log)
-    cpu, wall = cpu_s() - c0, time.perf_counter() - w0
+    cpu, wall, main_cpu = cpu_s() - c0, time.perf_counter() - w0, time.thread_time() - m0
     import ray
 
     ray.shutdown()
@@ -198,6 +198,7 @@ def child_driver(spec: dict) -> dict:
         "recordings_ok": sum(1 for r in ledger if r["status"] == "ok"),
         "segments": sum(int(r["segments"] or 0) for r in ledger if r["status"] == "ok"),
         "driver_cpu_s": round(cpu, 3),
+        "main_thread_cpu_s": round(main_cpu, 3),  # the pipeline's own loop, without Ray's threads
         "wall_s": round(wall, 2),
         "blocks": meter.blocks,
         "block_bytes": meter.block_bytes,
