@@ -684,37 +684,24 @@ def part_driver(args, work: Path, release: Path) -> dict:
             if r["status"] != "complete" or r["recordings_ok"] != n:
                 raise RuntimeError(f"driver run {side} on {n} recordings did not commit every input: {r}")
             out["runs"][f"{side}_{n}"] = r
+    metrics = {"bytes": 1.0, "driver_cpu_s": 1000.0, "main_thread_cpu_s": 1000.0}  # bytes; CPU in ms
     for side in ("before", "after"):
         small, big = out["runs"][f"{side}_{sizes[0]}"], out["runs"][f"{side}_{sizes[1]}"]
         extra = big["segments"] - small["segments"]
         out[side] = {
-            "bytes_per_segment": {
-                f"{n}": out["runs"][f"{side}_{n}"]["bytes"] / out["runs"][f"{side}_{n}"]["segments"]
-                for n in sizes
-            },
-            "cpu_ms_per_segment": {
-                f"{n}": 1000
-                * out["runs"][f"{side}_{n}"]["driver_cpu_s"]
-                / out["runs"][f"{side}_{n}"]["segments"]
-                for n in sizes
-            },
-            "marginal_bytes_per_segment": (big["bytes"] - small["bytes"]) / extra,
-            "marginal_cpu_ms_per_segment": 1000 * (big["driver_cpu_s"] - small["driver_cpu_s"]) / extra,
+            m: {
+                **{
+                    f"per_segment_{n}": scale
+                    * out["runs"][f"{side}_{n}"][m]
+                    / out["runs"][f"{side}_{n}"]["segments"]
+                    for n in sizes
+                },
+                "marginal_per_segment": scale * (big[m] - small[m]) / extra,
+            }
+            for m, scale in metrics.items()
         }
-    b, a = out["before"], out["after"]
-    out["ratios"] = {
-        "marginal_bytes_before_over_after": ratio(
-            b["marginal_bytes_per_segment"], a["marginal_bytes_per_segment"]
-        ),
-        "marginal_cpu_before_over_after": ratio(
-            b["marginal_cpu_ms_per_segment"], a["marginal_cpu_ms_per_segment"]
-        ),
-        "total_bytes_before_over_after_3n": ratio(
-            b["bytes_per_segment"][f"{sizes[1]}"], a["bytes_per_segment"][f"{sizes[1]}"]
-        ),
-        "total_cpu_before_over_after_3n": ratio(
-            b["cpu_ms_per_segment"][f"{sizes[1]}"], a["cpu_ms_per_segment"][f"{sizes[1]}"]
-        ),
+    out["before_over_after"] = {
+        m: {k: ratio(v, out["after"][m][k]) for k, v in out["before"][m].items()} for m in metrics
     }
     return out
 
@@ -856,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--out", default=str(CACHE / "table.json"), help="the JSON result")
     p.add_argument("--workdir", default=str(CACHE / "table"), help="generated inputs and tables")
-    p.add_argument("--driver-recordings", type=int, default=4, help="N: the runs take N and 3N recordings")
+    p.add_argument("--driver-recordings", type=int, default=6, help="N: the runs take N and 3N recordings")
     p.add_argument("--driver-window", type=float, default=0.25, help="seconds per segment in the driver runs")
     p.add_argument("--ingest-old-recordings", type=int, default=400)
     p.add_argument("--ingest-new-recordings", type=int, default=20000)
@@ -906,26 +893,18 @@ def print_table(r: dict) -> None:
     rows: list[tuple[str, str]] = []
     if "driver" in r:
         d = r["driver"]
-        for side in ("before", "after"):
-            s = d[side]
-            rows.append(
-                (
-                    f"driver {side}: bytes/segment (N, 3N)",
-                    ", ".join(f"{v:,.0f}" for v in s["bytes_per_segment"].values()),
-                )
-            )
-            rows.append((f"driver {side}: marginal bytes/segment", f"{s['marginal_bytes_per_segment']:,.1f}"))
-            rows.append(
-                (
-                    f"driver {side}: CPU ms/segment (N, 3N)",
-                    ", ".join(f"{v:.3f}" for v in s["cpu_ms_per_segment"].values()),
-                )
-            )
-            rows.append(
-                (f"driver {side}: marginal CPU ms/segment", f"{s['marginal_cpu_ms_per_segment']:.3f}")
-            )
-        for k, v in d["ratios"].items():
-            rows.append((f"driver {k}", f"{v}"))
+        for m, unit in (
+            ("bytes", "bytes"),
+            ("driver_cpu_s", "CPU ms"),
+            ("main_thread_cpu_s", "main-thread CPU ms"),
+        ):
+            for side in ("before", "after"):
+                vals = ", ".join(f"{v:,.3g}" for v in d[side][m].values())
+                rows.append((f"driver {side}: {unit}/segment (N, 3N, marginal)", vals))
+            ratios = ", ".join(str(v) for v in d["before_over_after"][m].values())
+            rows.append((f"driver before/after: {unit}/segment (N, 3N, marginal)", ratios))
+        walls = ", ".join(f"{k} {v['wall_s']} s" for k, v in d["runs"].items())
+        rows.append(("driver runs' wall time", walls))
     if "ingest" in r:
         g = r["ingest"]
         for side in ("before", "after"):
