@@ -602,8 +602,10 @@ def old_release(workdir: Path) -> Path:
     return dest
 
 
-def child(name: str, spec: dict, release: Path | None = None, sample=None) -> dict:
-    """Run CHILDREN[name] in a fresh process: this tree's `pipeline`, or the release's when given."""
+def child(name: str, spec: dict, release: Path | None = None, sample=None, tries: int = 2) -> dict:
+    """Run CHILDREN[name] in a fresh process: this tree's `pipeline`, or the release's when given. A child that
+    fails is run again once (a local Ray on a loaded 2-core machine sometimes loses an actor at start-up); the
+    result says so under `retried`."""
     env = dict(os.environ)
     if release is not None:  # its package first; this tree only for `benchmarks`
         env["PYTHONPATH"] = os.pathsep.join([str(release), str(REPO)])
@@ -612,22 +614,31 @@ def child(name: str, spec: dict, release: Path | None = None, sample=None) -> di
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         cwd = str(REPO)
     cmd = [sys.executable, "-m", "benchmarks.table", "--child", name, "--spec", json.dumps(spec)]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = sample(proc.pid) if sample is not None else None
-    if sampler is not None:
-        sampler.start()
-    out, err = proc.communicate()
-    if sampler is not None:
-        sampler.stop()
-    for line in out.splitlines():
-        if line.startswith('{"child_result"'):
-            result = json.loads(line)["child_result"]
-            if sampler is not None:
-                result["memory"] = sampler.result()
-            return result
-    raise RuntimeError(
-        f"benchmark child {name} ({release or REPO}) failed (exit {proc.returncode}): {err[-4000:]}"
-    )
+    failures = []
+    for _ in range(tries):
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        sampler = sample(proc.pid) if sample is not None else None
+        if sampler is not None:
+            sampler.start()
+        out, err = proc.communicate()
+        if sampler is not None:
+            sampler.stop()
+        for line in out.splitlines():
+            if line.startswith('{"child_result"'):
+                result = json.loads(line)["child_result"]
+                if sampler is not None:
+                    result["memory"] = sampler.result()
+                if failures:
+                    result["retried"] = failures
+                return result
+        last = [x for x in err.splitlines() if x.strip()][-1:] or ["(no output)"]
+        failures.append(f"exit {proc.returncode}: {last[0][:300]}")
+        log(f"[bench] child {name} failed ({failures[-1]}); stderr tail:\n{err[-6000:]}")
+        if "output" in spec and Path(spec["output"]).exists():
+            fresh(Path(spec["output"]))
+    raise RuntimeError(f"benchmark child {name} ({release or REPO}) failed {tries} times: {failures}")
 
 
 def ensure_checkpoint(name: str, overrides: dict | None) -> Path:
@@ -880,13 +891,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result[name] = part_frame(args, work)
         result[name]["seconds"] = round(time.perf_counter() - t, 1)
+        save(result, args.out)  # after each part: a later part's failure keeps the earlier figures
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    save(result, args.out)
     print_table(result)
     log(f"[bench] {result['seconds']} s; wrote {args.out}")
     return 0
+
+
+def save(result: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
 
 
 def print_table(r: dict) -> None:
