@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.run --model DIR --corpus FOLDER --out results.json
     .venv/bin/python -m benchmarks.run --section cpu            # the CPU stage per format, alone (~2.5 minutes)
     .venv/bin/python -m benchmarks.run --section model --like MERT-v1-330M --device cuda --dtype bfloat16
+    .venv/bin/python -m benchmarks.run --section table          # the table, before/after (issue 11; ~7 minutes)
 
 On the same corpus and model it measures, in audio seconds per wall second:
   model_only   Embedder.embed on pre-decoded equal-length 5 s segments, batch B, after a warm-up batch, with the
@@ -650,10 +651,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--section",
-        choices=("all", "cpu", "model"),
+        choices=("all", "cpu", "model", "table"),
         default="all",
         help="all (default); cpu: the CPU stage per format against its decode limit alone "
-        "(benchmarks.cpu_stage); model: seconds per batch of the embedder alone (--device, --dtype)",
+        "(benchmarks.cpu_stage); model: seconds per batch of the embedder alone (--device, --dtype); "
+        "table: the table on its commit log, before and after (benchmarks.table, its own flags after --)",
     )
     ap.add_argument(
         "--cpu-seconds",
@@ -849,6 +851,12 @@ def _finish(result: dict, t_start: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--section" in argv and argv[argv.index("--section") + 1 :][:1] == ["table"]:
+        from benchmarks import table
+
+        rest = argv[argv.index("--") + 1 :] if "--" in argv else []
+        raise SystemExit(table.main(rest))
     args = parse_args(argv)
     if args.pipeline_child:
         _pipeline_child(args.pipeline_child)
