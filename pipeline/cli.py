@@ -311,7 +311,7 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     from pipeline.table import FeatureTable
-    from pipeline.table.marker import upgrade
+    from pipeline.table.upgrade import upgrade
 
     out = upgrade(FeatureTable(args.table, args.storage_options), wait_s=args.lease_wait)
     if not out["upgraded"]:

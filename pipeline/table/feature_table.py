@@ -62,13 +62,13 @@ class FeatureTable:
         snap = self.snapshot(version)
         if snap.meta is not None:
             return snap.meta
-        marker.refuse_v1(self)
+        marker.refuse_v1(self.root, self.opts)
         return None
 
     def _require(self, version: int | None = None) -> Snapshot:
         snap = self.snapshot(version)
         if snap.meta is None:
-            marker.refuse_v1(self)
+            marker.refuse_v1(self.root, self.opts)
             raise PipelineError(f"{self.root} is not a feature table (no commit log in {self.root}/_log)")
         return snap
 
@@ -89,7 +89,7 @@ class FeatureTable:
         differs from the table's."""
         existing = self.read_meta()
         if existing is None:
-            marker.write(self, meta)
+            marker.write(self.root, self.opts, meta)
             try:
                 self.log.append({"kind": "create", "table": meta}, epoch=None)
                 return
