@@ -31,12 +31,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -44,13 +47,14 @@ from pipeline.atomic import list_names, read_bytes
 from pipeline.errors import ExitCode, StaleWriter
 from pipeline.table import FeatureTable
 from pipeline.table.log import CommitLog, entry_name
+from pipeline.table.maintenance import vacuum
 from pipeline.table.snapshot import Snapshot
 from pipeline.testing.tables import commit_recordings, table_meta
 
 REPO = Path(__file__).resolve().parents[1]
 BUSY = int(ExitCode.BUSY)
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-ENTRY = [sys.executable, "-m", "pipeline.testing.tables", "commit"]
+ENTRY = [sys.executable, "-m", "pipeline.testing.tables"]  # the entry, run as `ENTRY commit ROOT RUN ...`
 ENTRY_NAME = re.compile(r"^(\d{20})\.json$")
 
 
@@ -160,14 +164,14 @@ def finished(p: subprocess.Popen, timeout_s: float = 60.0) -> tuple[int, dict | 
     return p.returncode, (json.loads(lines[-1]) if lines else None), err
 
 
-def entry(root: str, run_id: str, *args: str, prefix: list[str] | None = None, **kw) -> subprocess.Popen:
+def entry(root: str, run_id: str, *args: str, launcher: list[str] | None = None) -> subprocess.Popen:
+    """The `commit` entry in a new process; `launcher` replaces `python -m pipeline.testing.tables`."""
     return subprocess.Popen(
-        [*(prefix or []), *ENTRY, root, run_id, *args],
+        [*(launcher or ENTRY), "commit", root, run_id, *args],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **kw,
     )
 
 
@@ -234,6 +238,151 @@ def test_fifty_processes_race_on_a_stale_lease_and_the_next_version(tmp_path):
     assert not [n for n in os.listdir(f"{root}/_log") if n.startswith(".")], "a temporary was left"
     with pytest.raises(StaleWriter):  # the stale holder never commits again
         commit_recordings(t, {"late": 1})
+
+
+# ---- 2. another PID namespace, another clock -------------------------------------------------------------
+def unshare_problem() -> str | None:
+    """Why a writer cannot be started in a new PID namespace here, or None."""
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    p = subprocess.run(
+        ["unshare", "--pid", "--fork", "--map-root-user", "true"], capture_output=True, text=True, timeout=30
+    )
+    if p.returncode != 0:
+        return f"unshare --pid --fork --map-root-user is not permitted here: {p.stderr.strip()}"
+    return None
+
+
+def new_pid_namespace(pid: int) -> list[str]:
+    """The entry's launcher as pid `pid` of a new PID namespace (sh is pid 1 there, and each /bin/true takes the
+    next pid)."""
+    script = f'i=2; while [ "$i" -lt {pid} ]; do /bin/true; i=$((i+1)); done; "$@"'
+    return ["unshare", "--pid", "--fork", "--map-root-user", "sh", "-c", script, "sh", *ENTRY]
+
+
+def skewed(seconds: float) -> list[str]:
+    """The entry's launcher with time.time and time.time_ns shifted by `seconds`, set before pipeline is
+    imported (the wall clock of a host that is off)."""
+    shift = (
+        "import runpy, sys, time; s = float(sys.argv.pop(1)); t, tn = time.time, time.time_ns; "
+        "time.time = lambda: t() + s; time.time_ns = lambda: tn() + int(s * 1e9); "
+        "runpy.run_module('pipeline.testing.tables', run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", shift, str(seconds)]
+
+
+def holder_and_contender(
+    root: str, tag: str, holder_launcher: list[str] | None, contender_launcher: list[str] | None = None
+) -> tuple[dict, dict]:
+    """A holder (TTL 1 s, renewed every 0.25 s, holding 5 s) and, once it holds the table, a contender that
+    waits 2 s for it: the contender must give up (busy) while the holder still runs, and the holder commit.
+    Run ids: TAG-holder, TAG-contender. Returns their JSON lines."""
+    t = FeatureTable(root)
+    name, other = f"{tag}-holder", f"{tag}-contender"
+    holder = entry(root, name, "--ttl", "1", "--hold", "5", launcher=holder_launcher)
+    try:
+        wait_for("the holder's epoch", lambda: epoch_of(t, name) or holder.poll() is not None)
+        assert holder.poll() is None, holder.communicate()
+        contender = entry(root, other, "--ttl", "1", "--wait", "2", launcher=contender_launcher)
+        code, line, _ = finished(contender)
+        assert holder.poll() is None, (
+            "the holder ended before the contender gave up: the check proved nothing"
+        )
+        assert code == BUSY and line == {"run_id": other, "busy": True}, (code, line)
+        hcode, hline, _ = finished(holder)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert hcode == 0 and "version" in hline, hline
+    return hline, line
+
+
+def test_a_live_holder_in_another_pid_namespace_is_never_judged_dead(tmp_path):
+    """Same hostname, another PID namespace (pods with hostNetwork): the holder's pid means nothing out here.
+    It gets a pid that no process has in this namespace, so judging it by `kill(pid, 0)` would call it dead."""
+    reason = unshare_problem()
+    if reason:
+        pytest.skip(reason)
+    pid = next((k for k in range(3, 2000) if not os.path.exists(f"/proc/{k}")), None)
+    if pid is None:
+        pytest.skip("every pid below 2000 is taken in this namespace")
+    root = str(tmp_path / "t")
+    t = new_table(root)
+    holder_and_contender(root, "ns", new_pid_namespace(pid))
+    e = check_epochs(check_table(t))[-1]
+    assert (e["run_id"], e["writer"]["pid"]) == ("ns-holder", pid), e["writer"]
+    assert e["writer"]["pidns"] != os.stat("/proc/self/ns/pid").st_ino
+    # and the other way round: a contender in a new namespace, this process the live holder
+    t.acquire_lease("here", ttl_s=1.0)
+    try:
+        contender = entry(root, "inside", "--ttl", "1", "--wait", "2", launcher=new_pid_namespace(pid))
+        code, line, _ = finished(contender)
+        assert code == BUSY and line == {"run_id": "inside", "busy": True}, (code, line)
+        commit_recordings(t, {"here-r0": 2})
+    finally:
+        t.release_lease()
+    check_table(t)
+    assert sorted(t.snapshot().ledger) == ["here-r0", "ns-holder-r0"]
+
+
+def test_writers_with_clocks_ten_minutes_off(tmp_path):
+    """A holder 10 minutes ahead is not judged dead, a contender 10 minutes ahead does not judge a live holder
+    dead, and a commit from a host 10 minutes behind supersedes the older one (order is the version) and
+    survives vacuum."""
+    root = str(tmp_path / "t")
+    t = new_table(root)
+    holder_and_contender(root, "ahead", skewed(+600))
+    holder_and_contender(root, "here", None, skewed(+600))
+    t.acquire_lease("first", ttl_s=30)
+    try:
+        commit_recordings(t, {"song-r0": 2}, value=1.0)
+    finally:
+        t.release_lease()
+    behind = entry(root, "behind", "--prefix", "song", "--fingerprint", "f2", launcher=skewed(-600))
+    code, line, _ = finished(behind)
+    assert code == 0, line
+    vacuum(t, retention_s=0)
+    entries = check_table(t)
+    assert [e["run_id"] for e in check_epochs(entries)][-2:] == ["behind", vacuum_run(entries)]
+    newest = t.snapshot().ledger["song-r0"]
+    assert (newest["fingerprint"], newest["version"]) == ("f2", line["version"])
+    got = t.read_layer(0)
+    song = got.filter(pc.equal(got.column("recording_id"), "song-r0"))
+    assert song.num_rows == 2 and {v[0] for v in song.column("embedding").to_pylist()} == {line["epoch"]}
+    check_ok_rows_present(t)
+
+
+def vacuum_run(entries: list[dict]) -> str:
+    return [e for e in entries if e["kind"] == "epoch"][-1]["run_id"]
+
+
+# ---- 3. paused past the lease -----------------------------------------------------------------------------
+def test_a_holder_paused_past_its_lease_is_refused_after_resuming(tmp_path):
+    """SIGSTOP a real holder (TTL 1 s) before its commit; another writer takes the table and commits; SIGCONT:
+    the resumed holder tries its commit and is refused; the other writer's work is all there."""
+    root = str(tmp_path / "t")
+    t = new_table(root)
+    paused = entry(root, "paused", "--ttl", "1", "--hold", "3", "--commit-after-hold")
+    taker = FeatureTable(root)
+    try:
+        wait_for("the holder's epoch", lambda: epoch_of(t, "paused"))
+        os.kill(paused.pid, signal.SIGSTOP)
+        taker.acquire_lease("taker", ttl_s=30, wait_s=20)  # after 1 s without a heartbeat
+        commit_recordings(taker, {"taker-r0": 2}, value=7.0)
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    code, line, _ = finished(paused)
+    assert code == BUSY and "superseded" in line["stale"] and "version" not in line, line
+    commit_recordings(taker, {"taker-r1": 2}, value=8.0)  # the taker goes on, unharmed
+    taker.release_lease()
+    entries = check_table(t)
+    assert [e["kind"] for e in entries if e.get("run_id") == "paused"] == ["epoch"]
+    assert sorted(t.snapshot().ledger) == ["taker-r0", "taker-r1"]
+    before = rows(t)
+    out = vacuum(t, retention_s=0)  # the refused writer's flush is an orphan: swept, nothing else
+    assert out["orphans_deleted"] == 2 and rows(t) == before and len(before) == 4
+    check_table(t)
 
 
 # ---- the child processes this module runs ---------------------------------------------------------------
