@@ -28,6 +28,7 @@ tests kill at a barrier.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -35,21 +36,32 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.atomic import list_names, read_bytes
 from pipeline.errors import ExitCode, StaleWriter
 from pipeline.table import FeatureTable
+from pipeline.table import feature_table as table_mod
+from pipeline.table import lease as lease_mod
+from pipeline.table import log as log_mod
+from pipeline.table import maintenance as maintenance_mod
+from pipeline.table import marker as marker_mod
+from pipeline.table import writer as writer_mod
 from pipeline.table.log import CommitLog, entry_name
-from pipeline.table.maintenance import vacuum
+from pipeline.table.maintenance import compact, purge, vacuum
 from pipeline.table.snapshot import Snapshot
 from pipeline.testing.tables import commit_recordings, table_meta
+from tests import servers
+from tests.conftest import S3_KEY, S3_SECRET
 
 REPO = Path(__file__).resolve().parents[1]
 BUSY = int(ExitCode.BUSY)
@@ -89,14 +101,11 @@ def check_epochs(entries: list[dict]) -> list[dict]:
 
 
 def check_files_whole(table: FeatureTable, snap: Snapshot) -> None:
-    """Every file a live flush names has the size its add recorded, and its Parquet footer reads."""
+    """Every file a live flush names has the size its add recorded (readers then parse its footer)."""
     table.fs.invalidate_cache()
     for f in snap.flushes.values():
         for d in f.files:
-            path = f"{table.path}/{d['path']}"
-            assert table.fs.size(path) == d["bytes"], f"{d['path']} truncated"
-            with table.fs.open(path, "rb") as fh:
-                assert pq.ParquetFile(fh).metadata.num_rows == d["rows"]
+            assert table.fs.size(f"{table.path}/{d['path']}") == d["bytes"], f"{d['path']} truncated"
 
 
 def rows(table: FeatureTable, layer: int = 0) -> list[tuple]:
@@ -111,13 +120,15 @@ def rows(table: FeatureTable, layer: int = 0) -> list[tuple]:
     )
 
 
-def check_ok_rows_present(table: FeatureTable) -> None:
-    """Every recording whose newest ledger row is `ok` has all its rows in every layer."""
+def check_ok_rows_present(table: FeatureTable) -> tuple:
+    """Every recording whose newest ledger row is `ok` has all its rows in every layer. Returns each layer's
+    rows (see `rows`)."""
     snap = table.snapshot()
+    out = []
     for layer in snap.layers():
-        t = table.read_layer(layer, columns=["recording_id"])
+        got = rows(table, layer)
         have: dict[str, int] = {}
-        for rid in t.column("recording_id").to_pylist():
+        for rid, _, _ in got:
             have[rid] = have.get(rid, 0) + 1
         for rid, row in snap.ledger.items():
             if row["status"] == "ok":
@@ -125,10 +136,17 @@ def check_ok_rows_present(table: FeatureTable) -> None:
                 assert want > 0 and have.get(rid) == want, (
                     f"ok recording {rid}: {have.get(rid)} rows of {want}"
                 )
+        out.append(got)
+    return tuple(out)
 
 
 def check_table(table: FeatureTable) -> list[dict]:
     """The checks every fault leaves true. Returns the log entries."""
+    return checked_state(table)[0]
+
+
+def checked_state(table: FeatureTable) -> tuple[list[dict], tuple]:
+    """check_table's checks; returns the log entries and what readers see (each layer's rows)."""
     entries = log_entries(table)
     check_epochs(entries)
     fresh = CommitLog(table.root, table.opts).refresh()  # from the newest checkpoint
@@ -138,8 +156,7 @@ def check_table(table: FeatureTable) -> list[dict]:
     assert fresh.version == replay.version and fresh.ledger == replay.ledger
     assert fresh.flushes.keys() == replay.flushes.keys()
     check_files_whole(table, replay)
-    check_ok_rows_present(FeatureTable(table.root, table.opts))
-    return entries
+    return entries, check_ok_rows_present(FeatureTable(table.root, table.opts))
 
 
 def wait_for(what: str, cond: Callable[[], object], timeout_s: float = 30.0) -> None:
@@ -383,6 +400,238 @@ def test_a_holder_paused_past_its_lease_is_refused_after_resuming(tmp_path):
     out = vacuum(t, retention_s=0)  # the refused writer's flush is an orphan: swept, nothing else
     assert out["orphans_deleted"] == 2 and rows(t) == before and len(before) == 4
     check_table(t)
+
+
+# ---- 4. faults in every write path, on S3 -----------------------------------------------------------------
+class Injected(BaseException):
+    """Raised inside a write, as the engine's SIGTERM handler raises `control.Interrupt` (a BaseException)."""
+
+
+def _one_recording(t: FeatureTable) -> None:
+    new_table(t.root, t.opts)
+    t.acquire_lease("prep", ttl_s=30)
+    commit_recordings(t, {"a": 2}, value=1.0)
+    t.release_lease()
+
+
+def _superseded(t: FeatureTable) -> None:
+    """a and b in one flush, then b embedded again: the first flush holds dead rows (purge rewrites it)."""
+    new_table(t.root, t.opts)
+    t.acquire_lease("prep", ttl_s=30)
+    commit_recordings(t, {"a": 2, "b": 2}, value=1.0)
+    commit_recordings(t, {"b": 2}, value=2.0, fingerprint="f2")
+    t.release_lease()
+
+
+def _three_small(t: FeatureTable) -> None:
+    new_table(t.root, t.opts)
+    t.acquire_lease("prep", ttl_s=30)
+    for i, rid in enumerate("abc"):
+        commit_recordings(t, {rid: 2}, value=float(i))
+    t.release_lease()
+
+
+def _no_table(t: FeatureTable) -> None:
+    pass
+
+
+def _commit(t: FeatureTable) -> None:
+    t.acquire_lease("op", ttl_s=1.0)
+    commit_recordings(t, {"b": 2}, value=2.0)
+
+
+def _checkpoint(t: FeatureTable) -> None:
+    t.log.write_checkpoint(t.snapshot())
+
+
+def _create_and_commit(t: FeatureTable) -> None:
+    t.create_or_check(table_meta())
+    _commit(t)
+
+
+def _run_summary(t: FeatureTable) -> None:
+    t.write_run("op", {"run_id": "op", "status": "complete", "started_at": "2026-01-01T00:00:00Z"})
+
+
+def _purge(t: FeatureTable) -> None:
+    t.acquire_lease("op", ttl_s=1.0)
+    purge(t)
+
+
+def _compact(t: FeatureTable) -> None:
+    t.acquire_lease("op", ttl_s=1.0)
+    compact(t, target_bytes=1 << 30)
+
+
+def _vacuum(t: FeatureTable) -> None:
+    vacuum(t, retention_s=0, merge=True, ttl_s=1.0)
+
+
+@dataclass(frozen=True)
+class WritePath:
+    """A write path: the store-writing function it calls (module attribute), a table to start from, the
+    operation. Faults are injected at each call of the function the operation makes."""
+
+    module: ModuleType
+    function: str
+    prepare: Callable[[FeatureTable], None]
+    op: Callable[[FeatureTable], None]
+
+
+WRITE_PATHS = {
+    "data-files": WritePath(writer_mod, "write_once", _one_recording, _commit),
+    "log-entries": WritePath(log_mod, "write_once", _one_recording, _commit),  # the epoch, then the commit
+    "checkpoint": WritePath(log_mod, "write_whole", _one_recording, _checkpoint),  # ledger, state, hint
+    "markers": WritePath(marker_mod, "write_whole", _no_table, _create_and_commit),
+    "run-summary": WritePath(table_mod, "write_whole", _one_recording, _run_summary),
+    "purge-rewrite": WritePath(maintenance_mod, "write_once", _superseded, _purge),
+    "compact-rewrite": WritePath(maintenance_mod, "write_once", _three_small, _compact),
+    # vacuum: its heartbeat and storage-clock probes; then every log entry it writes (epoch, purge, compact,
+    # vacuumed, release)
+    "heartbeat-probes": WritePath(lease_mod, "write_whole", _superseded, _vacuum),
+    "vacuum-entries": WritePath(log_mod, "write_once", _superseded, _vacuum),
+}
+
+
+@contextlib.contextmanager
+def fault_at(path: WritePath, k: int, after: bool, fault: Callable[[], None]) -> Iterator[list[int]]:
+    """Call `fault` at the k-th call (from 0, main thread only) of the path's function: before the write, or once
+    it has landed (`after`). Yields the count of calls seen."""
+    real = getattr(path.module, path.function)
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return real(*args, **kwargs)  # the lease's renew thread: not this path's write
+        i = calls[0]
+        calls[0] += 1
+        if i == k and not after:
+            fault()
+        out = real(*args, **kwargs)
+        if i == k:
+            fault()
+        return out
+
+    setattr(path.module, path.function, wrapped)
+    try:
+        yield calls
+    finally:
+        setattr(path.module, path.function, real)
+
+
+def state(t: FeatureTable) -> tuple | None:
+    """What readers see: None (no table), else each layer's rows."""
+    t = FeatureTable(t.root, t.opts)
+    if t.snapshot().meta is None:
+        return None
+    return tuple(rows(t, layer) for layer in t.layers())
+
+
+def check_after_fault(t: FeatureTable, allowed: list, *, then_vacuum: bool) -> None:
+    """The table as a fault left it: whole, and showing one of the `allowed` states. `then_vacuum`: the next
+    run's clean-up (vacuum, retention 0, merge) then works and changes no row."""
+    fresh = FeatureTable(t.root, t.opts)
+    fresh.fs.invalidate_cache()
+    if fresh.snapshot().meta is None:
+        assert None in allowed and not log_entries(fresh)
+        if not then_vacuum:
+            return
+        fresh.create_or_check(table_meta())
+        allowed = [*allowed, ([], [])]
+    else:
+        for marker_name in ("_lease.json", "_table.json"):  # written before the log, so whole if it exists
+            json.loads(read_bytes(fresh.uri(marker_name), fresh.opts) or b"")
+        fresh.runs()  # every run summary parses
+    _, seen = checked_state(fresh)
+    assert seen in allowed, seen
+    if then_vacuum:
+        vacuum(fresh, retention_s=0, merge=True, ttl_s=1.0, wait_s=5)
+        assert state(fresh) == seen
+
+
+def calls_of(path: WritePath, t: FeatureTable) -> int:
+    """How many times the operation calls the path's function (from the table `prepare` made)."""
+    with fault_at(path, -1, False, lambda: None) as calls:
+        path.op(t)
+    return calls[0]
+
+
+@pytest.fixture(scope="module")
+def s3_process():
+    """moto's S3 server in its own process (the session's threaded one shares this process's GIL with the
+    client: these tests send thousands of requests). Yields storage options for a fresh bucket."""
+    import boto3
+
+    port = servers.free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for("moto_server", lambda: _answers(url) or proc.poll() is not None)
+        assert proc.poll() is None, "moto_server exited at start"
+        bucket = f"faults-{uuid.uuid4().hex[:8]}"
+        boto3.client(
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+        ).create_bucket(Bucket=bucket)
+        opts = {
+            "key": S3_KEY,
+            "secret": S3_SECRET,
+            "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"},
+        }
+        yield f"s3://{bucket}", opts
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+    except urllib.error.HTTPError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(WRITE_PATHS))
+def test_an_exception_in_every_write_of_a_path_leaves_the_table_whole(name, s3_process):
+    """Each write of the path raises before it is sent, and the last one again once it landed: the table is
+    whole and reads as before the operation, or as after it where its commit landed; the next vacuum works."""
+    base, opts = s3_process
+    path = WRITE_PATHS[name]
+    ref = FeatureTable(f"{base}/{name}-ref", opts)
+    path.prepare(ref)
+    pre = state(ref)
+    n = calls_of(path, ref)
+    ref.release_lease()
+    post = state(ref)
+    assert n >= 1
+    for k, after in [*((k, False) for k in range(n)), (n - 1, True)]:
+        t = FeatureTable(f"{base}/{name}-{k}-{after}", opts)
+        path.prepare(t)
+
+        def fault(k: int = k, after: bool = after) -> None:
+            raise Injected(f"{name}: write {k}, {'after' if after else 'before'} it landed")
+
+        with pytest.raises(Injected), fault_at(path, k, after, fault):
+            try:
+                path.op(t)
+            finally:
+                if t.lease is not None:
+                    t.lease.stop()
+        t.release_lease()  # what the run's `finally` does
+        check_after_fault(t, [pre, post], then_vacuum=k == n - 1)
 
 
 # ---- the child processes this module runs ---------------------------------------------------------------
