@@ -47,7 +47,7 @@ from types import ModuleType
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.atomic import list_names, read_bytes
+from pipeline.atomic import AlreadyExists, list_names, read_bytes, write_once
 from pipeline.errors import ExitCode, StaleWriter
 from pipeline.table import FeatureTable
 from pipeline.table import feature_table as table_mod
@@ -64,6 +64,9 @@ from tests import servers
 from tests.conftest import S3_KEY, S3_SECRET
 
 REPO = Path(__file__).resolve().parents[1]
+# As in tests/test_atomic.py: gcsfs >= 2026.10 asks a gRPC control API for each bucket's type (60 s timeouts
+# against an emulator); its documented switch turns that off. gcsfs reads it when first imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 BUSY = int(ExitCode.BUSY)
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 ENTRY = [sys.executable, "-m", "pipeline.testing.tables"]  # the entry, run as `ENTRY commit ROOT RUN ...`
@@ -632,6 +635,153 @@ def test_an_exception_in_every_write_of_a_path_leaves_the_table_whole(name, s3_p
                     t.lease.stop()
         t.release_lease()  # what the run's `finally` does
         check_after_fault(t, [pre, post], then_vacuum=k == n - 1)
+
+
+# ---- 5. readers during vacuum and compact ----------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_readers_during_vacuum_and_compact_see_one_committed_state(backend, tmp_path, request):
+    """A reader thread loops over read_layer while commits (each adding a recording and re-embedding r0, so
+    purge has dead rows to drop) alternate with vacuum(retention 0, merge=True), which rewrites, merges and
+    deletes at once. The writer uses its own client (another process's view); the reader shares vacuum's.
+    Every read is exactly one committed state, never missing rows, never an exception."""
+    if backend == "local":
+        root, opts, rounds = str(tmp_path / "t"), {}, 10
+        writer_opts = opts
+    else:
+        base, opts = request.getfixturevalue("s3_process")
+        # another s3fs object (other options: fsspec caches one per option set), as in another process
+        root, writer_opts, rounds = f"{base}/readers", {**opts, "use_listings_cache": False}, 4
+    new_table(root, opts)
+    model: dict[str, float] = {}
+    states = [()]
+
+    def expect() -> tuple:
+        return tuple(sorted((rid, seg, v) for rid, v in model.items() for seg in (0, 1)))
+
+    reads: list[tuple] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read_loop() -> None:
+        reader = FeatureTable(root, opts)
+        while not stop.is_set():
+            try:
+                t = reader.read_layer(0)
+            except BaseException as exc:  # recorded: the assertion below names it
+                errors.append(exc)
+                return
+            got = zip(t.column("recording_id").to_pylist(), t.column("segment").to_pylist(), strict=True)
+            vals = [v[0] for v in t.column("embedding").to_pylist()]
+            reads.append(tuple(sorted((rid, seg, v) for (rid, seg), v in zip(got, vals, strict=True))))
+            time.sleep(0.02)  # leave the writer and vacuum some of the GIL
+
+    thread = threading.Thread(target=read_loop, daemon=True)
+    thread.start()
+    merged = 0
+    try:
+        w = FeatureTable(root, writer_opts)
+        for i in range(rounds):
+            w.acquire_lease(f"w{i}", ttl_s=30)
+            commit_recordings(w, {f"r{i}": 2}, value=float(i))
+            model[f"r{i}"] = float(i)
+            states.append(expect())
+            if i:
+                commit_recordings(w, {"r0": 2}, value=100.0 + i, fingerprint=f"f{i}")
+                model["r0"] = 100.0 + i
+                states.append(expect())
+            w.release_lease()
+            out = vacuum(FeatureTable(root, opts), retention_s=0, merge=True)
+            merged += out["merged_flushes"] + out["rewritten"]
+            assert not errors, errors
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert merged >= rounds - 1 and len(reads) >= rounds
+    index = {s: i for i, s in enumerate(states)}
+    seen = [index.get(r) for r in reads]
+    assert None not in seen, [r for r in reads if r not in index][:1]
+    assert seen == sorted(seen)  # never an older state after a newer one
+    final = FeatureTable(root, opts)
+    assert rows(final) and check_ok_rows_present(final)
+    check_table(final)
+
+
+# ---- 6. the table on GCS and Azure --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    reason = servers.missing_reason("gcs")
+    if reason:
+        pytest.skip(reason)
+    import gcsfs
+
+    if gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":
+        pytest.fail("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false could be set")
+    emulator = servers.start_fake_gcs()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="module")
+def azurite():
+    reason = servers.missing_reason("azure")
+    if reason:
+        pytest.skip(reason)
+    emulator = servers.start_azurite()
+    yield emulator
+    emulator.stop()
+
+
+def cloud_root(backend: str, request) -> tuple[str, dict]:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    if backend == "gcs":
+        import gcsfs
+
+        emulator = request.getfixturevalue("gcs_emulator")
+        opts = {"endpoint_url": emulator.url, "token": "anon", "project": "test"}
+        gcsfs.GCSFileSystem(**opts).mkdir(name)
+        return f"gs://{name}/table", opts
+    import adlfs
+
+    emulator = request.getfixturevalue("azurite")
+    opts = {"connection_string": servers.azurite_connection_string(emulator)}
+    adlfs.AzureBlobFileSystem(**opts).mkdir(name)
+    return f"az://{name}/table", opts
+
+
+@pytest.mark.parametrize("backend", ["gcs", "azure"])
+def test_the_table_on_gcs_and_azure_is_created_once(backend, request):
+    """On fake-gcs-server (ifGenerationMatch=0) and Azurite (If-None-Match: *): a table created, committed and
+    read; a second create of a log version is refused; a writer behind the log loses its version and re-reads;
+    a holder that stops renewing is taken over on the storage's clock and then refused."""
+    root, opts = cloud_root(backend, request)
+    t = FeatureTable(root, opts)
+    t.check_writable()
+    t.create_or_check(table_meta())
+    behind = CommitLog(root, opts)
+    behind.refresh()
+    t.acquire_lease("one", ttl_s=1.0)
+    v = commit_recordings(t, {"a": 2}, value=1.0)
+    with pytest.raises(AlreadyExists):  # the table's own create, again
+        write_once(t.log.uri(entry_name(0)), json.dumps({"kind": "create"}).encode(), opts)
+    with pytest.raises(AlreadyExists):  # the version just committed
+        write_once(t.log.uri(entry_name(v)), b"{}", opts)
+    assert (
+        behind.append({"kind": "epoch", "run_id": "late"}, epoch=None, only_at=behind.snapshot.version + 1)
+        is None
+    )
+    t.create_or_check(table_meta())  # a second create of the table finds it: no new entry
+    assert [e["kind"] for e in log_entries(t)] == ["create", "epoch", "commit"]
+    # the heartbeat stops: after the TTL, on the storage's clock, another writer takes over
+    t.lease.stop()
+    other = FeatureTable(root, opts)
+    other.acquire_lease("two", ttl_s=30, wait_s=15)
+    with pytest.raises(StaleWriter):
+        commit_recordings(t, {"late": 2})
+    commit_recordings(other, {"b": 2}, value=2.0)
+    other.release_lease()
+    assert [r[0] for r in rows(FeatureTable(root, opts))] == ["a", "a", "b", "b"]
+    check_table(t)
 
 
 # ---- the child processes this module runs ---------------------------------------------------------------
