@@ -607,19 +607,30 @@ def _answers(url: str) -> bool:
     return True
 
 
+_REFERENCES: dict[tuple[str, str], tuple] = {}
+
+
+def reference(name: str, base: str, opts: dict) -> tuple:
+    """(state before, state after, number of writes) of the path's operation, run once without faults."""
+    if (name, base) not in _REFERENCES:
+        path = WRITE_PATHS[name]
+        ref = FeatureTable(f"{base}/{name}-ref", opts)
+        path.prepare(ref)
+        pre = state(ref)
+        n = calls_of(path, ref)
+        ref.release_lease()
+        assert n >= 1
+        _REFERENCES[name, base] = (pre, state(ref), n)
+    return _REFERENCES[name, base]
+
+
 @pytest.mark.parametrize("name", sorted(WRITE_PATHS))
 def test_an_exception_in_every_write_of_a_path_leaves_the_table_whole(name, s3_process):
     """Each write of the path raises before it is sent, and the last one again once it landed: the table is
     whole and reads as before the operation, or as after it where its commit landed; the next vacuum works."""
     base, opts = s3_process
     path = WRITE_PATHS[name]
-    ref = FeatureTable(f"{base}/{name}-ref", opts)
-    path.prepare(ref)
-    pre = state(ref)
-    n = calls_of(path, ref)
-    ref.release_lease()
-    post = state(ref)
-    assert n >= 1
+    pre, post, n = reference(name, base, opts)
     for k, after in [*((k, False) for k in range(n)), (n - 1, True)]:
         t = FeatureTable(f"{base}/{name}-{k}-{after}", opts)
         path.prepare(t)
@@ -635,6 +646,43 @@ def test_an_exception_in_every_write_of_a_path_leaves_the_table_whole(name, s3_p
                     t.lease.stop()
         t.release_lease()  # what the run's `finally` does
         check_after_fault(t, [pre, post], then_vacuum=k == n - 1)
+
+
+@pytest.fixture(scope="module")
+def sigterm_zygote():
+    """A process that imported everything once and forks one child per fault (see `sigterm_zygote_main`)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_table_faults", "sigterm-zygote"],
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", sorted(WRITE_PATHS))
+def test_sigterm_at_the_last_write_of_a_path_leaves_the_table_whole(name, s3_process, sigterm_zygote):
+    """A real process runs the path's operation and is stopped by a real SIGTERM (its default action: no
+    Python clean-up, no `finally`) at its last write, everything before it landed. The table is whole, and the
+    next writer takes the dead process's lease at once and vacuums."""
+    base, opts = s3_process
+    path = WRITE_PATHS[name]
+    pre, post, n = reference(name, base, opts)
+    t = FeatureTable(f"{base}/{name}-sigterm", opts)
+    path.prepare(t)
+    job = {"path": name, "k": n - 1, "root": t.root, "opts": opts}
+    assert sigterm_zygote.stdin is not None and sigterm_zygote.stdout is not None
+    sigterm_zygote.stdin.write(json.dumps(job) + "\n")
+    sigterm_zygote.stdin.flush()
+    word, pid = sigterm_zygote.stdout.readline().split()
+    assert word == "barrier", f"the child finished without reaching write {n - 1}"
+    os.kill(int(pid), signal.SIGTERM)
+    assert sigterm_zygote.stdout.readline().split() == ["exit", pid, str(-signal.SIGTERM)]
+    check_after_fault(t, [pre, post], then_vacuum=True)
 
 
 # ---- 5. readers during vacuum and compact ----------------------------------------------------------------
@@ -824,7 +872,38 @@ def fork_writers(n: int, out: str, root: str, options: list[str]) -> int:
     return 0
 
 
+def sigterm_zygote_main() -> int:
+    """Read jobs ({"path", "k", "root", "opts"}) from stdin, one a line; for each, fork a child that runs the
+    write path's operation on the table and, at the k-th write, prints "barrier PID" and waits for its signal;
+    print "exit PID CODE" once the child is gone ("done PID" first if it finished)."""
+    from pipeline.testing import tables
+
+    tables.block({"warm": 1})
+    for line in sys.stdin:
+        job = json.loads(line)
+        path = WRITE_PATHS[job["path"]]
+        pid = os.fork()
+        if pid == 0:
+            try:
+
+                def barrier() -> None:
+                    os.write(1, f"barrier {os.getpid()}\n".encode())
+                    while True:
+                        signal.pause()
+
+                with fault_at(path, job["k"], False, barrier):
+                    path.op(FeatureTable(job["root"], job["opts"]))
+                os.write(1, f"done {os.getpid()}\n".encode())
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(f"exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "sigterm-zygote":
+        sys.exit(sigterm_zygote_main())
     if sys.argv[1] == "fork-writers":
         sys.exit(fork_writers(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]))
     raise SystemExit(f"unknown child command {sys.argv[1]!r}")
