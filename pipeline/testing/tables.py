@@ -123,6 +123,7 @@ def commit_recordings(
     w = writer(table, table.lease.run_id)
     w.add(block(recordings, value=value))
     meta = w.flush()
+    assert meta is not None
     rows = [
         {
             **record(rid, n, status=status, fingerprint=fingerprint),
