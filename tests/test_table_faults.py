@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.atomic import AlreadyExists, list_names, read_bytes, write_once
-from pipeline.errors import ExitCode, StaleWriter
+from pipeline.errors import ExitCode, PipelineError, StaleWriter
 from pipeline.table import FeatureTable
 from pipeline.table import feature_table as table_mod
 from pipeline.table import lease as lease_mod
@@ -56,7 +56,7 @@ from pipeline.table import log as log_mod
 from pipeline.table import maintenance as maintenance_mod
 from pipeline.table import marker as marker_mod
 from pipeline.table import writer as writer_mod
-from pipeline.table.log import CommitLog, entry_name
+from pipeline.table.log import CHECKPOINT_EVERY, CommitLog, entry_name
 from pipeline.table.maintenance import compact, purge, vacuum
 from pipeline.table.snapshot import Snapshot
 from pipeline.testing.tables import commit_recordings, table_meta
@@ -646,6 +646,27 @@ def test_an_exception_in_every_write_of_a_path_leaves_the_table_whole(name, s3_p
                     t.lease.stop()
         t.release_lease()  # what the run's `finally` does
         check_after_fault(t, [pre, post], then_vacuum=k == n - 1)
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_fail_the_commit_that_landed(s3_process):
+    """The commit at a checkpoint version has landed when its checkpoint is written; a store error there (a
+    503, a full quota) must not tell the writer its commit failed: the checkpoint is only a cache of the log."""
+    base, opts = s3_process
+    t = new_table(f"{base}/checkpoint-error", opts)
+    t.acquire_lease("r", ttl_s=30)
+    for i in range(CHECKPOINT_EVERY - 2):  # versions 2 .. CHECKPOINT_EVERY - 1
+        commit_recordings(t, {f"r{i}": 1}, value=float(i))
+
+    def store_error() -> None:
+        raise PipelineError("cannot write the checkpoint: the store refused the write (503 SlowDown)")
+
+    with fault_at(WritePath(log_mod, "write_whole", _no_table, _no_table), 0, False, store_error) as calls:
+        v = commit_recordings(t, {"at-checkpoint": 1}, value=99.0)
+    assert v == CHECKPOINT_EVERY and calls[0] == 1
+    commit_recordings(t, {"after": 1}, value=100.0)
+    t.release_lease()
+    check_table(t)
+    assert {"at-checkpoint", "after"} <= {r[0] for r in rows(FeatureTable(t.root, opts))}
 
 
 @pytest.fixture(scope="module")
