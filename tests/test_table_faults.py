@@ -1,29 +1,40 @@
 """The table's commit protocol under concurrency and faults: real processes, real signals, real stores.
 
 Cases (issue 11, "Proof: a concurrency and fault suite"):
-1. 50 processes (`python -m pipeline.testing.tables commit`) race on a stale lease and on the same next version.
-2. A live holder in another PID namespace (`unshare`) and writers whose wall clock is 10 minutes off.
+1. 50 writer processes, each running the `pipeline.testing.tables commit` entry, are released at once onto a
+   table whose holder stopped renewing (TTL 1 s): one holder at a time (by their own clocks and by the log),
+   each version once, every commit inside its own epoch, the losers exit 75 (busy), never a traceback. They
+   are forked from one process that imported everything once (50 fresh interpreters cost about 50 s of CPU).
+2. A live holder in another PID namespace (`unshare --pid --fork --map-root-user`, given a pid that no process
+   has out here), a contender in one, and writers whose wall clock is 10 minutes ahead or behind (time.time and
+   time.time_ns shifted before pipeline is imported): the live holder is never judged dead, the newer commit
+   wins by version, and every `ok` recording keeps its rows.
 3. A holder paused past its lease (SIGSTOP), taken over, resumed (SIGCONT): its commit is refused.
-4. An exception (the BaseException the engine's SIGTERM handler raises) injected before and after every store
-   write of every write path, and real SIGTERMs, on moto's S3 server. The write paths covered:
+4. Faults in every write path, on a moto S3 server (its own process). The paths and the store-writing function
+   each one goes through:
    - data files: `FlushWriter.flush` (`writer.write_once`, one object per layer);
-   - log entries: `CommitLog.append` (`log.write_once`): commits, epochs, releases, `vacuumed`;
+   - log entries: `CommitLog.append` (`log.write_once`): the epoch, then the commit;
    - checkpoints: `CommitLog.write_checkpoint` (`log.write_whole`: ledger, state, hint);
-   - the heartbeat and the storage-clock probe (`lease.write_whole`);
-   - markers `_lease.json` and `_table.json` (`marker.write_whole`, at create);
+   - markers `_lease.json` and `_table.json` (`marker.write_whole`, when the table is created);
    - the run summary `runs/<run>.json` (`FeatureTable.write_run`, `feature_table.write_whole`);
-   - vacuum's and compact's rewrites (`maintenance._rewrite`, `maintenance.write_once`), and every log entry a
-     whole `vacuum(retention_s=0, merge=True)` writes.
-   After each: every log version exists once and parses, every commit belongs to the newest epoch, no committed
-   file is truncated (its size is the one its add recorded, and its footer parses), a fresh reader (from the
-   checkpoint) equals a full replay, and `read_layer` equals the committed rows before the fault or, if the
-   commit landed, after it.
-5. Readers scanning while vacuum(retention_s=0, merge=True) and compact run between commits, locally and on S3:
-   each read is exactly one committed state.
-6. Create-if-absent of the table itself on GCS (fake-gcs-server) and Azure (Azurite).
+   - vacuum's and compact's rewrites (`maintenance._rewrite`, `maintenance.write_once`);
+   - the heartbeat and the storage-clock probes (`lease.write_whole`), during a vacuum;
+   - every log entry a `vacuum(retention_s=0, merge=True)` writes (epoch, purge, compact, vacuumed, release).
+   An exception (a BaseException, as the engine's SIGTERM handler raises) is injected before each write of the
+   path and after its last one landed; a real SIGTERM (default action: no clean-up) stops a child process at
+   the path's last write. After each: every log version exists once and parses, every commit names the newest
+   epoch, no live file differs in size from what its add recorded, a fresh reader (from the checkpoint) equals a
+   full replay, `read_layer` shows the committed rows before the operation or, where its commit landed, after
+   it, and the next vacuum works and changes no row. Also: a store error in the checkpoint after a commit
+   landed does not fail that commit. (A write cut in the middle of one HTTP request is tests/test_atomic.py's.)
+5. A reader thread looping over read_layer while commits alternate with vacuum(retention 0, merge=True), on
+   local disk and on S3: every read is exactly one committed state, in commit order, never an exception.
+6. The table on GCS (fake-gcs-server) and Azure (Azurite): created, committed, read; a second create of a log
+   version refused (both emulators enforce create-if-absent: 412 and 409); a writer behind the log loses its
+   version; a stale holder taken over on the storage's clock, then refused.
 
-Run as `python -m tests.test_table_faults sigterm-child ...`, this module is the child that case 4's SIGTERM
-tests kill at a barrier.
+Run as `python -m tests.test_table_faults fork-writers|sigterm-zygote ...`, this module is the parent of the
+processes of cases 1 and 4.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -320,40 +332,58 @@ def holder_and_contender(
 
 def test_a_live_holder_in_another_pid_namespace_is_never_judged_dead(tmp_path):
     """Same hostname, another PID namespace (pods with hostNetwork): the holder's pid means nothing out here.
-    It gets a pid that no process has in this namespace, so judging it by `kill(pid, 0)` would call it dead."""
+    It gets a pid that no process has in this namespace, so judging it by `kill(pid, 0)` would call it dead.
+    And the other way round, on a second table at the same time: a contender in a new namespace, this process
+    the live holder."""
     reason = unshare_problem()
     if reason:
         pytest.skip(reason)
     pid = next((k for k in range(3, 2000) if not os.path.exists(f"/proc/{k}")), None)
     if pid is None:
         pytest.skip("every pid below 2000 is taken in this namespace")
-    root = str(tmp_path / "t")
-    t = new_table(root)
-    holder_and_contender(root, "ns", new_pid_namespace(pid))
+    t, here = new_table(str(tmp_path / "t")), new_table(str(tmp_path / "here"))
+
+    def contender_inside() -> None:
+        here.acquire_lease("here", ttl_s=1.0)
+        try:
+            contender = entry(
+                here.root, "inside", "--ttl", "1", "--wait", "2", launcher=new_pid_namespace(pid)
+            )
+            code, line, _ = finished(contender)
+            assert code == BUSY and line == {"run_id": "inside", "busy": True}, (code, line)
+            commit_recordings(here, {"here-r0": 2})
+        finally:
+            here.release_lease()
+
+    with ThreadPoolExecutor(2) as pool:
+        both = [
+            pool.submit(holder_and_contender, t.root, "ns", new_pid_namespace(pid)),
+            pool.submit(contender_inside),
+        ]
+        for f in both:
+            f.result()
     e = check_epochs(check_table(t))[-1]
     assert (e["run_id"], e["writer"]["pid"]) == ("ns-holder", pid), e["writer"]
     assert e["writer"]["pidns"] != os.stat("/proc/self/ns/pid").st_ino
-    # and the other way round: a contender in a new namespace, this process the live holder
-    t.acquire_lease("here", ttl_s=1.0)
-    try:
-        contender = entry(root, "inside", "--ttl", "1", "--wait", "2", launcher=new_pid_namespace(pid))
-        code, line, _ = finished(contender)
-        assert code == BUSY and line == {"run_id": "inside", "busy": True}, (code, line)
-        commit_recordings(t, {"here-r0": 2})
-    finally:
-        t.release_lease()
-    check_table(t)
-    assert sorted(t.snapshot().ledger) == ["here-r0", "ns-holder-r0"]
+    assert sorted(t.snapshot().ledger) == ["ns-holder-r0"]
+    check_table(here)
+    assert sorted(here.snapshot().ledger) == ["here-r0"]
 
 
 def test_writers_with_clocks_ten_minutes_off(tmp_path):
     """A holder 10 minutes ahead is not judged dead, a contender 10 minutes ahead does not judge a live holder
-    dead, and a commit from a host 10 minutes behind supersedes the older one (order is the version) and
-    survives vacuum."""
-    root = str(tmp_path / "t")
-    t = new_table(root)
-    holder_and_contender(root, "ahead", skewed(+600))
-    holder_and_contender(root, "here", None, skewed(+600))
+    dead (each on its own table, at the same time), and a commit from a host 10 minutes behind supersedes the
+    older one (order is the version) and survives vacuum."""
+    t, other = new_table(str(tmp_path / "t")), new_table(str(tmp_path / "other"))
+    with ThreadPoolExecutor(2) as pool:
+        both = [
+            pool.submit(holder_and_contender, t.root, "ahead", skewed(+600)),
+            pool.submit(holder_and_contender, other.root, "here", None, skewed(+600)),
+        ]
+        for f in both:
+            f.result()
+    check_table(other)
+    root = t.root
     t.acquire_lease("first", ttl_s=30)
     try:
         commit_recordings(t, {"song-r0": 2}, value=1.0)
