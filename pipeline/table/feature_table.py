@@ -182,7 +182,12 @@ class FeatureTable:
         return self.snapshot(version).layers()
 
     def read_file(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(f"{self.path}/{rel}", "rb") as f:
+        path = f"{self.path}/{rel}"
+        # The log names the file, so it exists: drop any cached listing of its folder first. fsspec shares one
+        # filesystem object per process, and a sweep here may have listed the folder before another writer
+        # added the file; s3fs then answers FileNotFoundError from that listing, without asking the store.
+        self.fs.invalidate_cache(path)
+        with self.fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns)
 
     def read_layer(

@@ -2,15 +2,21 @@
 the real table API. For tests, benchmarks and fault injection in other processes:
 
     python -m pipeline.testing.tables commit ROOT RUN_ID [--wait S] [--ttl S] [--hold S] [--recordings N]
+        [--commit-after-hold] [--prefix P] [--fingerprint F] [--after PATH]
 
-takes the table's lease, commits N recordings (one flush), holds the lease S more seconds, releases, and exits 0,
-or 75 when the table stays busy (pipeline.errors.ExitCode.BUSY). It prints one JSON line of what it did.
+takes the table's lease, commits N recordings (one flush; ids P-r0.., P defaults to RUN_ID), holds the lease S
+more seconds (or, with --commit-after-hold, holds it first and commits then: a writer paused in between finds
+its epoch taken over), releases, and exits 0, or 75 when the table stays busy or was taken over
+(pipeline.errors.ExitCode.BUSY). It prints one JSON line of what it did. `--after PATH` first prints
+{"ready": RUN_ID} and waits (up to 120 s) for PATH to exist before taking the lease, so that many processes,
+started one by one, race at the same moment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -172,23 +178,39 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--ttl", type=float, default=30.0)
     c.add_argument("--hold", type=float, default=0.0)
     c.add_argument("--recordings", type=int, default=1)
+    c.add_argument("--commit-after-hold", action="store_true")
+    c.add_argument("--prefix", default=None, help="recording ids PREFIX-r0.. (default: the run id)")
+    c.add_argument("--fingerprint", default="f1")
+    c.add_argument("--after", default=None, help="wait for this file to exist before taking the lease")
     c.add_argument("--storage-options", default="{}")
     args = p.parse_args(argv)
     t = FeatureTable(args.root, json.loads(args.storage_options))
     t.create_or_check(table_meta())
+    if args.after:
+        print(json.dumps({"ready": args.run_id}), flush=True)
+        deadline = time.monotonic() + 120
+        while not os.path.exists(args.after):
+            if time.monotonic() > deadline:
+                p.error(f"--after {args.after}: the file did not appear within 120 s")
+            time.sleep(0.01)
     try:
         lease = t.acquire_lease(args.run_id, args.ttl, args.wait)
     except LeaseHeld:
         print(json.dumps({"run_id": args.run_id, "busy": True}), flush=True)
         return int(ExitCode.BUSY)
     got = {"run_id": args.run_id, "epoch": lease.epoch, "acquired_at": time.time()}
+    prefix = args.prefix or args.run_id
+    recordings = {f"{prefix}-r{i}": 2 for i in range(args.recordings)}
     try:
+        if args.commit_after_hold:
+            time.sleep(args.hold)
         got["version"] = commit_recordings(
-            t, {f"{args.run_id}-r{i}": 2 for i in range(args.recordings)}, value=float(lease.epoch)
+            t, recordings, value=float(lease.epoch), fingerprint=args.fingerprint
         )
-        time.sleep(args.hold)
+        if not args.commit_after_hold:
+            time.sleep(args.hold)
         got["released_at"] = time.time()
-    except StaleWriter as exc:
+    except (StaleWriter, LeaseHeld) as exc:  # taken over, or the heartbeat could not be renewed
         print(json.dumps({**got, "stale": str(exc)}), flush=True)
         return int(ExitCode.BUSY)
     finally:
