@@ -430,7 +430,9 @@ def test_two_nodes_the_worker_node_writes_and_the_driver_gets_metadata_only(mode
         head_id, worker_id = cluster.head_node.node_id, worker.node_id
         adds = [a for e in FeatureTable(str(out)).log.entries(0) for a in e.get("adds") or ()]
         assert adds and {a["node_id"] for a in adds} == {worker_id} != {head_id}
-        assert len({a["host"] for a in adds}) == 1  # both nodes share the hostname; the node id tells them apart
+        assert (
+            len({a["host"] for a in adds}) == 1
+        )  # both nodes share the hostname; the node id tells them apart
         got = summary["driver_received"]
         assert got["segments"] == sum(expected.values())
         # a bound that does not grow with the model: records and flush descriptions only (MERT-v1-95M's

@@ -113,6 +113,12 @@ class Lease:
         write_whole(self.heartbeat_uri(), json.dumps(body).encode(), self.log.opts)
 
     def _renew_loop(self) -> None:
+        try:
+            self._renew()
+        except BaseException as exc:  # the thread ends: say so at the next commit instead of going silent
+            self._lost = f"the lease heartbeat on {self.log.root} stopped: {type(exc).__name__}"
+
+    def _renew(self) -> None:
         renewed = time.monotonic()
         while not self._stop.wait(self.ttl_s / 4):
             try:
