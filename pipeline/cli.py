@@ -185,7 +185,7 @@ def print_summary(s: dict, out=None) -> None:
     )
     print(
         f"  audio: {s.get('audio_hours', 0):.4f} h in {s.get('wall_s', 0):.1f} s wall "
-        f"= {s.get('audio_s_per_s') or 0:.1f} audio s per s; {s.get('shards', 0)} shard(s) committed",
+        f"= {s.get('audio_s_per_s') or 0:.1f} audio s per s; {s.get('commits', 0)} commit(s)",
         file=out,
     )
     if s.get("stop_reason"):
