@@ -9,11 +9,12 @@ program lives in a string); the previous release runs from a `git archive` of OL
 on the path, on the same venv:
 
   driver  a real local-Ray run of each release's `pipeline.engine.run` on generated music-like WAV/MP3 inputs
-          with a random checkpoint of MERT-v1-95M's output shape (13 hidden states x 768) and cheap compute.
-          In the driver process: CPU seconds (psutil, user + sys, around run()) and bytes received from the
-          cluster (the blocks `Dataset.iter_batches` yields, by `nbytes`, plus the pickled size of every
-          `ray.get` result the pipeline's own code asks for). Two corpus sizes; per segment committed, totals
-          and the marginal (difference / extra segments).
+          with random checkpoints of MERT-v1-95M's output shape (13 hidden states x 768) and cheap compute, two
+          feed-forward widths (two pipeline rates, the same driver work per segment). In the driver process:
+          CPU seconds (psutil, user + sys, around run(), and over the steady window from the first block to
+          the last) and bytes received from the cluster (the blocks `Dataset.iter_batches` yields, by
+          `nbytes`, plus the pickled size of every `ray.get` result the pipeline's own code asks for). The two
+          steady windows give the driver's CPU per segment and per wall second (fit_driver_cpu).
   ingest  the driver's ceiling without Ray or a model. Before: the old `engine.Assembler` + `ShardWriter` fed
           embed-stage blocks (13 x 768 float32, 36 segments per recording) into a local table. After: what the
           new driver does per block (`engine.assemble.Assembler` + `Batch` + `FeatureTable.commit`) on the
@@ -60,6 +61,7 @@ DRIVER_MODEL = {
     "num_attention_heads": 12,
     "intermediate_size": 64,
 }
+DRIVER_MODEL_SLOW = {**DRIVER_MODEL, "intermediate_size": 3072}  # the same output, a slower actor
 
 
 def log(msg: str) -> None:
@@ -131,6 +133,21 @@ def cpu_s() -> float:
     return t.user + t.system
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live threads by name (Linux /proc; {} elsewhere), threads of one name summed."""
+    out: dict[str, float] = {}
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return out
+    for t in tasks.iterdir():
+        try:
+            name = (t / "comm").read_text().strip()
+            out[name] = out.get(name, 0.0) + int((t / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
 def emit(result: dict) -> None:
     print(json.dumps({"child_result": result}), flush=True)
 
@@ -143,6 +160,13 @@ class DriverMeter:
 
     def __init__(self) -> None:
         self.block_bytes = self.blocks = self.get_bytes = self.gets = 0
+        # (driver CPU s, segments so far) at each block: the steady window runs from the first block to the last,
+        # so Ray's start-up, the model check and the final commit (fixed costs) are outside it
+        self.first: tuple[float, int, float] | None = None
+        self.last: tuple[float, int, float] | None = None
+        self.segments = 0
+        self.threads_first: dict[str, float] = {}
+        self.threads_last: dict[str, float] = {}
 
     def install(self) -> None:
         import ray
@@ -154,6 +178,16 @@ class DriverMeter:
             for batch in iter_batches(ds, *args, **kwargs):
                 meter.blocks += 1
                 meter.block_bytes += int(batch.nbytes)
+                cols = getattr(batch, "column_names", ())
+                if "segments" in cols:  # this tree: record rows and one summary row per block
+                    meter.segments += sum(int(x or 0) for x in batch.column("segments").to_pylist())
+                elif "record" in cols:  # the old release: a row per segment, plus record rows
+                    meter.segments += batch.column("record").null_count
+                if cols:
+                    meter.last = (cpu_s(), meter.segments, time.perf_counter())
+                    meter.threads_last = thread_cpu()
+                    if meter.first is None:
+                        meter.first, meter.threads_first = meter.last, meter.threads_last
                 yield batch
 
         def counted_get(refs, *args, **kwargs):
@@ -165,6 +199,24 @@ class DriverMeter:
 
         ray.data.Dataset.iter_batches = counted_iter_batches
         ray.get = counted_get
+
+    def steady(self) -> dict | None:
+        """Driver CPU per segment between the first block and the last."""
+        if self.first is None or self.last is None or self.last[1] <= self.first[1]:
+            return None
+        cpu, seg = self.last[0] - self.first[0], self.last[1] - self.first[1]
+        wall = self.last[2] - self.first[2]
+        return {
+            "cpu_s": round(cpu, 3),
+            "wall_s": round(wall, 2),
+            "segments": seg,
+            "cpu_ms_per_segment": round(1000 * cpu / seg, 4),
+            "by_thread_cpu_s": {
+                name: round(c - self.threads_first.get(name, 0.0), 3)
+                for name, c in sorted(self.threads_last.items(), key=lambda kv: -kv[1])
+                if c - self.threads_first.get(name, 0.0) >= 0.005
+            },
+        }
 
 
 def child_driver(spec: dict) -> dict:
@@ -205,6 +257,7 @@ def child_driver(spec: dict) -> dict:
         "gets": meter.gets,
         "get_bytes": meter.get_bytes,
         "bytes": meter.block_bytes + meter.get_bytes,
+        "steady": meter.steady(),
     }
 
 
@@ -677,44 +730,93 @@ def fresh(path: Path) -> str:
 
 
 def part_driver(args, work: Path, release: Path) -> dict:
-    model = ensure_checkpoint("MERT-v1-95M-shape-cheap", DRIVER_MODEL)
+    """Each release on the same corpus at two pipeline rates (the same output shape, two feed-forward widths, so
+    the driver's work per segment is the same and only the rate differs). Over each run's steady window (first
+    block to last) the driver's CPU is fitted as a x wall + b x segments: b is what the driver spends per
+    segment, a what it spends per second whatever flows (Ray's threads and Ray Data's executor, which runs in
+    the driver)."""
+    models = {
+        "fast": ensure_checkpoint("MERT-v1-95M-shape-cheap", DRIVER_MODEL),
+        "slow": ensure_checkpoint("MERT-v1-95M-shape-slow", DRIVER_MODEL_SLOW),
+    }
     seconds = args.driver_window * SEGMENTS_PER_RECORDING
-    sizes = (args.driver_recordings, 3 * args.driver_recordings)
-    out: dict = {"model": DRIVER_MODEL, "window_s": args.driver_window, "recording_s": seconds, "runs": {}}
-    for n in sizes:
-        corpus = ensure_inputs(work / f"driver-corpus-{n}", n, seconds, ("wav", "mp3"))
+    n = args.driver_recordings
+    corpus = ensure_inputs(work / f"driver-corpus-{n}", n, seconds, ("wav", "mp3"))
+    out: dict = {
+        "models": {"fast": DRIVER_MODEL, "slow": DRIVER_MODEL_SLOW},
+        "window_s": args.driver_window,
+        "recording_s": seconds,
+        "recordings": n,
+        "runs": {},
+    }
+    for speed, model in models.items():
         for side, rel in (("before", release), ("after", None)):
             spec = {
                 "input": str(corpus),
-                "output": fresh(work / f"driver-table-{side}-{n}"),
+                "output": fresh(work / f"driver-table-{side}-{speed}"),
                 "model": str(model),
                 "window_s": args.driver_window,
             }
-            log(f"[bench] driver: {side} on {n} recordings")
+            log(f"[bench] driver: {side}, {speed} model, {n} recordings")
             r = child("driver", spec, rel)
-            if r["status"] != "complete" or r["recordings_ok"] != n:
-                raise RuntimeError(f"driver run {side} on {n} recordings did not commit every input: {r}")
-            out["runs"][f"{side}_{n}"] = r
-    metrics = {"bytes": 1.0, "driver_cpu_s": 1000.0, "main_thread_cpu_s": 1000.0}  # bytes; CPU in ms
+            if r["status"] != "complete" or r["recordings_ok"] != n or not r.get("steady"):
+                raise RuntimeError(f"driver run {side} ({speed} model) did not commit every input: {r}")
+            out["runs"][f"{side}_{speed}"] = r
     for side in ("before", "after"):
-        small, big = out["runs"][f"{side}_{sizes[0]}"], out["runs"][f"{side}_{sizes[1]}"]
-        extra = big["segments"] - small["segments"]
+        fast, slow = out["runs"][f"{side}_fast"], out["runs"][f"{side}_slow"]
+        fit = fit_driver_cpu([fast["steady"], slow["steady"]])
         out[side] = {
-            m: {
-                **{
-                    f"per_segment_{n}": scale
-                    * out["runs"][f"{side}_{n}"][m]
-                    / out["runs"][f"{side}_{n}"]["segments"]
-                    for n in sizes
-                },
-                "marginal_per_segment": scale * (big[m] - small[m]) / extra,
-            }
-            for m, scale in metrics.items()
+            "bytes_per_segment": fast["bytes"] / fast["segments"],
+            "run_cpu_ms_per_segment": 1000 * fast["driver_cpu_s"] / fast["segments"],
+            "steady_cpu_ms_per_segment": {
+                speed: out["runs"][f"{side}_{speed}"]["steady"]["cpu_ms_per_segment"] for speed in models
+            },
+            "steady_cpu_s_per_wall_s": {
+                speed: round(r["steady"]["cpu_s"] / r["steady"]["wall_s"], 4)
+                for speed, r in ((s_, out["runs"][f"{side}_{s_}"]) for s_ in models)
+            },
+            "steady_segments_per_s": {
+                speed: round(r["steady"]["segments"] / r["steady"]["wall_s"], 1)
+                for speed, r in ((s_, out["runs"][f"{side}_{s_}"]) for s_ in models)
+            },
+            **fit,
+            "cpu_ms_per_segment_at_gpu_rate": 1000 * (fit["per_s_cpu_s"] / GPU_SEGMENTS_PER_S)
+            + fit["per_segment_cpu_ms"],
         }
+    b, a = out["before"], out["after"]
     out["before_over_after"] = {
-        m: {k: ratio(v, out["after"][m][k]) for k, v in out["before"][m].items()} for m in metrics
+        "bytes_per_segment": ratio(b["bytes_per_segment"], a["bytes_per_segment"]),
+        "run_cpu_ms_per_segment": ratio(b["run_cpu_ms_per_segment"], a["run_cpu_ms_per_segment"]),
+        **{
+            f"steady_cpu_ms_per_segment_{speed}": ratio(
+                b["steady_cpu_ms_per_segment"][speed], a["steady_cpu_ms_per_segment"][speed]
+            )
+            for speed in models
+        },
+        "per_segment_cpu_ms": ratio(b["per_segment_cpu_ms"], a["per_segment_cpu_ms"]),
+        "cpu_ms_per_segment_at_gpu_rate": ratio(
+            b["cpu_ms_per_segment_at_gpu_rate"], a["cpu_ms_per_segment_at_gpu_rate"]
+        ),
     }
     return out
+
+
+def fit_driver_cpu(windows: list[dict]) -> dict:
+    """Solve cpu = a x wall + b x segments through two steady windows run at different rates: `per_s_cpu_s` (a,
+    CPU s per wall second) and `per_segment_cpu_ms` (b). A b below what the measurement resolves comes out near
+    0 or slightly negative: `per_segment_cpu_ms_bound` is then the largest b consistent with the windows if a
+    were 0 (each window's own CPU per segment, the smaller)."""
+    (c1, w1, s1), (c2, w2, s2) = ((w["cpu_s"], w["wall_s"], w["segments"]) for w in windows)
+    det = w1 * s2 - w2 * s1
+    if abs(det) < 1e-9 * max(w1 * s2, 1.0):
+        raise ValueError("the two windows ran at the same rate: a and b cannot be separated")
+    a = (c1 * s2 - c2 * s1) / det
+    b = (w1 * c2 - w2 * c1) / det
+    return {
+        "per_s_cpu_s": round(a, 5),
+        "per_segment_cpu_ms": round(1000 * b, 5),
+        "per_segment_cpu_ms_bound": round(1000 * min(c1 / s1, c2 / s2), 4),
+    }
 
 
 def ratio(x: float, y: float) -> float | None:
@@ -854,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--out", default=str(CACHE / "table.json"), help="the JSON result")
     p.add_argument("--workdir", default=str(CACHE / "table"), help="generated inputs and tables")
-    p.add_argument("--driver-recordings", type=int, default=6, help="N: the runs take N and 3N recordings")
+    p.add_argument("--driver-recordings", type=int, default=32, help="recordings per driver run")
     p.add_argument("--driver-window", type=float, default=0.25, help="seconds per segment in the driver runs")
     p.add_argument("--ingest-old-recordings", type=int, default=400)
     p.add_argument("--ingest-new-recordings", type=int, default=20000)
@@ -909,16 +1011,19 @@ def print_table(r: dict) -> None:
     rows: list[tuple[str, str]] = []
     if "driver" in r:
         d = r["driver"]
-        for m, unit in (
-            ("bytes", "bytes"),
-            ("driver_cpu_s", "CPU ms"),
-            ("main_thread_cpu_s", "main-thread CPU ms"),
-        ):
-            for side in ("before", "after"):
-                vals = ", ".join(f"{v:,.3g}" for v in d[side][m].values())
-                rows.append((f"driver {side}: {unit}/segment (N, 3N, marginal)", vals))
-            ratios = ", ".join(str(v) for v in d["before_over_after"][m].values())
-            rows.append((f"driver before/after: {unit}/segment (N, 3N, marginal)", ratios))
+        for side in ("before", "after"):
+            x = d[side]
+            rows.append(
+                (
+                    f"driver {side}",
+                    f"{x['bytes_per_segment']:,.1f} B/seg; steady CPU ms/seg fast {x['steady_cpu_ms_per_segment']['fast']}"
+                    f" ({x['steady_segments_per_s']['fast']} seg/s), slow {x['steady_cpu_ms_per_segment']['slow']}"
+                    f" ({x['steady_segments_per_s']['slow']} seg/s); CPU s per wall s {x['steady_cpu_s_per_wall_s']}; fit: {x['per_segment_cpu_ms']} ms/seg +"
+                    f" {x['per_s_cpu_s']} CPU s/s; at {GPU_SEGMENTS_PER_S} seg/s "
+                    f"{x['cpu_ms_per_segment_at_gpu_rate']:.4f} ms/seg",
+                )
+            )
+        rows.append(("driver before/after", json.dumps(d["before_over_after"])))
         walls = ", ".join(f"{k} {v['wall_s']} s" for k, v in d["runs"].items())
         rows.append(("driver runs' wall time", walls))
     if "ingest" in r:

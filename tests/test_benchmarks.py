@@ -180,3 +180,21 @@ def test_model_section_alone_times_the_embedder(tmp_path):
     )
     m = json.loads(out.read_text())["model_only"]
     assert m["timed_batches"] == 2 and m["audio_s_per_s"] > 0 and m["dtype"] == "float32"
+
+
+def test_driver_cpu_fit_separates_per_second_from_per_segment_cost():
+    from benchmarks.table import fit_driver_cpu
+
+    # 0.05 CPU s per wall second plus 0.6 ms per segment, at 90 and 40 segments/s
+    windows = [
+        {"cpu_s": 0.05 * w + 0.0006 * s, "wall_s": w, "segments": s} for w, s in ((20.0, 1800), (45.0, 1800))
+    ]
+    fit = fit_driver_cpu(windows)
+    assert fit["per_s_cpu_s"] == pytest.approx(0.05, rel=1e-3)
+    assert fit["per_segment_cpu_ms"] == pytest.approx(0.6, rel=1e-3)
+    same_rate = [
+        {"cpu_s": 1.0, "wall_s": 10.0, "segments": 100},
+        {"cpu_s": 2.0, "wall_s": 20.0, "segments": 200},
+    ]
+    with pytest.raises(ValueError, match="same rate"):
+        fit_driver_cpu(same_rate)
