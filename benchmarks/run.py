@@ -58,7 +58,8 @@ from benchmarks.common import (
     peak_flops,
     versions,
 )
-from benchmarks.cpu_stage import cpu_section, print_cpu_section
+from benchmarks.cpu_stage import cpu_section, ensure_cpu_corpus, print_cpu_section
+from benchmarks.pipeline_cost import pipeline_section, print_pipeline_section
 
 GOAL_FED = 0.85  # pipeline >= 0.85 x model-only
 GOAL_MEMORY = 1.5  # peak memory, long input <= 1.5 x short input
@@ -549,6 +550,9 @@ def summarize(result: dict) -> dict:
         goals["faster_than_naive"] = ratios["pipeline_over_naive"] > 1.0
     if "cpu_formats" in result:
         goals["cpu_stage_at_decode_limit"] = result["cpu_formats"]["goals"]["met"]
+    if "pipeline_cost" in result:
+        for k, met in result["pipeline_cost"]["goals"]["met"].items():
+            goals[f"pipeline_{k}"] = met
     mem = result.get("memory") or {}
     w = mem.get("worker") or {}
     if "short" in w and "long" in w:
@@ -571,6 +575,8 @@ def print_report(result: dict) -> None:
 
     if "cpu_formats" in result:
         print_cpu_section(result["cpu_formats"])
+    if "pipeline_cost" in result:
+        print_pipeline_section(result["pipeline_cost"])
     if result.get("section") == "cpu":
         return
     if result.get("section") == "model":
@@ -666,6 +672,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--cpu-repeats", type=int, default=5, help="interleaved CPU-section rounds (default %(default)s)"
     )
+    ap.add_argument(
+        "--pipeline-files",
+        type=int,
+        default=8,
+        help="--section cpu: N, the whole-pipeline runs per format take N and 3N files; 0 skips them "
+        "(default %(default)s)",
+    )
     ap.add_argument("--device", default="cpu", help="--section model: cpu or cuda (default %(default)s)")
     ap.add_argument(
         "--dtype", default="float32", help="--section model: float32, bfloat16, float16 (default %(default)s)"
@@ -747,6 +760,15 @@ def benchmark(args: argparse.Namespace) -> dict:
                 work / "cpu_formats", rate, args.cpu_repeats, seconds=args.cpu_seconds
             ),
         }
+        if args.pipeline_files > 0:
+            n = args.pipeline_files
+            log(f"[bench] the whole pipeline's CPU per audio second, per format: {n} and {3 * n} files a run")
+            cpu_only["pipeline_cost"] = pipeline_section(
+                ensure_cpu_corpus(work / "cpu_formats", args.cpu_seconds),
+                cpu_only["cpu_formats"]["formats"],
+                work / "pipeline_cost",
+                n,
+            )
         return _finish(cpu_only, t_start)
     model_dir = ensure_model(args.model, args.like, cache=work)
     spec, config, _ = read_model_config(str(model_dir))

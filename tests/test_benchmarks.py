@@ -129,6 +129,8 @@ def test_cpu_section_alone_reports_every_format_against_its_limit(tmp_path):
             "3",
             "--cpu-repeats",
             "1",
+            "--pipeline-files",
+            "0",  # the whole-pipeline runs: tests/test_pipeline_cost.py, and the benchmark itself
             "--workdir",
             str(tmp_path / "w"),
             "--out",

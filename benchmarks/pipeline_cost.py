@@ -1,0 +1,290 @@
+"""The whole pipeline's CPU per audio second, per format, every process of a run counted (issue 12).
+
+Part of `python -m benchmarks.run --section cpu` (after the CPU stage's per-format table, whose limit and
+isolated-stage figures it is compared with; `--pipeline-files 0` skips it). Per format, two real runs of
+`pipeline.engine.run` on N and 3N hard links of the section's 3-minute file (the recording id is the URI, so each
+link is its own recording), a tiny random checkpoint in hub layout (what is measured is the pipeline, not the
+model), to a fresh local table. Each run is a fresh driver process that starts its own local Ray and shuts it
+down. Its CPU is every process's: the driver runs under a small measuring process (`--measure`) in a fresh
+cgroup (v1 `cpuacct`, which counts every process ever in it: Ray's daemons, workers, the decoder children, the
+actors). That process is also a child subreaper (Linux `PR_SET_CHILD_SUBREAPER`), so it reaps every descendant
+before it reads the count. Without a cgroup (not root) it falls back to `RUSAGE_CHILDREN`, which misses the CPU
+of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU would be lost (15-20 CPU s a run).
+
+  marginal  (CPU(3N) - CPU(N)) / (audio(3N) - audio(N)): what one more audio second costs the whole run;
+  fixed     CPU(N) - marginal x audio(N): what a run costs before and around the work (goal <= 10 CPU s);
+  steady    the 3N run's `timings.steady_audio_s_per_s` (first embedded block to last) against the CPU stage's
+            capacity on the cores the pipeline gives decoding: decode slots (the cluster's CPUs minus what the
+            embed actor reserves; one on 2 cores) x the isolated stage's audio s per CPU s (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GOAL_MARGINAL_OVER_LIMIT = 1.25
+GOAL_FIXED_CPU_S = 10.0
+GOAL_STEADY_OVER_CAPACITY = 0.9
+PR_SET_CHILD_SUBREAPER = 36
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _live_children() -> list[int]:
+    me, out = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+class CpuGroup:
+    """A fresh cgroup v1 `cpuacct` group (Linux, root): `cpuacct.usage` counts the CPU of every process ever in
+    it, including those whose parent ignores SIGCHLD (the kernel reaps them at exit and adds their CPU to no one's
+    RUSAGE_CHILDREN: Ray's raylet does that to its workers). None where it cannot be made."""
+
+    ROOT = Path("/sys/fs/cgroup/cpuacct")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def make(cls, name: str) -> CpuGroup | None:
+        path = cls.ROOT / name
+        try:
+            path.mkdir()
+            (path / "cpuacct.usage").read_text()
+        except OSError:
+            return None
+        return cls(path)
+
+    def enter(self) -> None:  # a Popen preexec_fn: the command and all it starts are in the group
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def cpu_s(self) -> float:
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def remove(self) -> None:
+        for _ in range(50):  # a process leaves the group a moment after it is reaped
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def measure_tree(cmd: list[str], env: dict, cwd: str, linger_s: float = 60.0) -> tuple[float, str, str, int]:
+    """Run `cmd` as a subreaper's child; after it exits, reap every descendant (SIGKILL what still lives after
+    `linger_s`). Returns (CPU s of the whole tree, stdout, stderr, exit code): the cgroup's count where one can be
+    made (CpuGroup), else RUSAGE_CHILDREN's, which misses the CPU of processes reaped by nobody (Ray's workers).
+    Call it in a process with no other children: RUSAGE_CHILDREN counts every child this process has reaped."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    group = CpuGroup.make(f"bench-pipeline-cost-{os.getpid()}")
+    c0 = children_cpu_s()
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=group.enter if group is not None else None,
+    )
+    out, err = proc.communicate()
+    deadline = time.monotonic() + linger_s
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break  # nothing left to reap
+        if pid:
+            continue
+        if time.monotonic() > deadline:
+            for p in _live_children():
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.05)
+    rusage = children_cpu_s() - c0
+    if group is None:
+        return rusage, out, err, proc.returncode
+    cpu = group.cpu_s()
+    group.remove()
+    return cpu, out, err, proc.returncode
+
+
+def driver(spec: dict) -> dict:
+    """One run in this (fresh) process: the summary's figures."""
+    from pipeline.config import RunConfig
+    from pipeline.engine import run
+
+    cfg = RunConfig(
+        input=spec["input"], output=spec["output"], model=spec["model"], num_gpus=0, progress=False
+    )
+    summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    import ray
+
+    slots = int(ray.cluster_resources().get("CPU", 1)) - 1  # the CPU actor reserves one (engine.place)
+    ray.shutdown()
+    return {
+        "status": summary["status"],
+        "ok": summary["counts"]["ok"],
+        "audio_s": summary["audio_hours"] * 3600,
+        "wall_s": summary["wall_s"],
+        "timings": summary["timings"],
+        "decode_slots": slots,
+    }
+
+
+def one_run(files: list[Path], model: str, work: Path, tag: str) -> dict:
+    """A run on `files` (hard linked into a fresh folder), measured by a fresh `--measure` process."""
+    import shutil
+
+    inp, out = work / f"in-{tag}", work / f"table-{tag}"
+    for p in (inp, out):
+        shutil.rmtree(p, ignore_errors=True)
+    inp.mkdir(parents=True)
+    for i, f in enumerate(files):
+        os.link(f, inp / f"{i:03d}_{f.name}")
+    spec = {"input": str(inp), "output": str(out), "model": model}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pipeline_cost", "--measure", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith('{"tree_cpu_s"')]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"pipeline run {tag} failed: {proc.stderr.strip()[-3000:]}")
+    r = json.loads(lines[-1])
+    if r["run"]["status"] != "complete" or r["run"]["ok"] != len(files):
+        raise RuntimeError(f"pipeline run {tag} did not embed every input: {r}")
+    shutil.rmtree(out, ignore_errors=True)
+    return r
+
+
+def fit(small: dict, big: dict) -> tuple[float, float]:
+    """(marginal CPU s per audio s, fixed CPU s per run) through the two runs."""
+    a1, c1 = small["run"]["audio_s"], small["tree_cpu_s"]
+    a2, c2 = big["run"]["audio_s"], big["tree_cpu_s"]
+    marginal = (c2 - c1) / (a2 - a1)
+    return marginal, c1 - marginal * a1
+
+
+def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: int) -> dict:
+    """Per format of the CPU section: the two runs, the marginal and fixed cost, steady rate vs capacity."""
+    from benchmarks.cpu_stage import EXEMPT
+    from pipeline.checkpoints import write_random_checkpoint
+
+    model = work / "tiny-MERT-v1-95M"
+    if not (model / "preprocessor_config.json").is_file():
+        write_random_checkpoint(model, like="MERT-v1-95M", size="tiny")
+    by_format = {r["format"]: r for r in stage_rows}
+    rows = []
+    for path in corpus:
+        fmt = path.name.split("_")[0]
+        stage = by_format[fmt]
+        small = one_run([path] * n, str(model), work, f"{fmt}-{n}")
+        big = one_run([path] * (3 * n), str(model), work, f"{fmt}-{3 * n}")
+        marginal, fixed = fit(small, big)
+        limit = stage["cpu_s_per_audio_s"]["limit"]
+        slots = big["run"]["decode_slots"]
+        capacity = slots / stage["cpu_s_per_audio_s"]["isolated"]
+        steady = big["run"]["timings"].get("steady_audio_s_per_s")
+        rows.append(
+            {
+                "format": fmt,
+                "files": [n, 3 * n],
+                "audio_s": [round(small["run"]["audio_s"], 1), round(big["run"]["audio_s"], 1)],
+                "tree_cpu_s": [round(small["tree_cpu_s"], 2), round(big["tree_cpu_s"], 2)],
+                "marginal_cpu_ms_per_audio_s": round(1000 * marginal, 4),
+                "marginal_audio_s_per_cpu_s": round(1 / marginal, 1) if marginal > 0 else None,
+                "limit_audio_s_per_cpu_s": round(1 / limit, 1),
+                "isolated_audio_s_per_cpu_s": round(1 / stage["cpu_s_per_audio_s"]["isolated"], 1),
+                "marginal_over_limit": round(marginal / limit, 3),
+                "fixed_cpu_s": round(fixed, 2),
+                "decode_slots": slots,
+                "capacity_audio_s_per_s": round(capacity, 1),
+                "steady_audio_s_per_s": steady,
+                "steady_over_capacity": round(steady / capacity, 3) if steady else None,
+                "start_up": {
+                    k: big["run"]["timings"].get(k)
+                    for k in ("ray_ready_s", "first_output_s", "last_output_s")
+                },
+                "wall_s": [small["run"]["wall_s"], big["run"]["wall_s"]],
+            }
+        )
+    judged = [r for r in rows if r["format"] not in EXEMPT]
+    goals = {
+        "marginal_over_limit_max": max(r["marginal_over_limit"] for r in judged),
+        "fixed_cpu_s_max": max(r["fixed_cpu_s"] for r in judged),
+        "steady_over_capacity_min": min(r["steady_over_capacity"] or 0.0 for r in judged),
+        "first_output_s_max": max(r["start_up"]["first_output_s"] or 0.0 for r in rows),
+    }
+    goals["met"] = {
+        "marginal": goals["marginal_over_limit_max"] <= GOAL_MARGINAL_OVER_LIMIT,
+        "fixed": goals["fixed_cpu_s_max"] <= GOAL_FIXED_CPU_S,
+        "steady": goals["steady_over_capacity_min"] >= GOAL_STEADY_OVER_CAPACITY,
+        "first_block_5s": goals["first_output_s_max"] <= 5.0,
+    }
+    return {"files": [n, 3 * n], "model": str(model), "formats": rows, "goals": goals}
+
+
+def print_pipeline_section(section: dict) -> None:
+    print(
+        f"{'format':<6} {'limit x':>8} {'stage x':>8} {'pipeline x':>10} {'pipe/limit':>10} {'fixed CPU s':>11} "
+        f"{'steady':>7} {'capacity':>9} {'st/cap':>7} {'first block s':>13}"
+    )
+    for r in section["formats"]:
+        print(
+            f"{r['format']:<6} {r['limit_audio_s_per_cpu_s']:>8} {r['isolated_audio_s_per_cpu_s']:>8} "
+            f"{r['marginal_audio_s_per_cpu_s']!s:>10} {r['marginal_over_limit']:>10} {r['fixed_cpu_s']:>11} "
+            f"{r['steady_audio_s_per_s']!s:>7} {r['capacity_audio_s_per_s']:>9} {r['steady_over_capacity']!s:>7} "
+            f"{r['start_up']['first_output_s']!s:>13}"
+        )
+    print(f"goals: {section['goals']}")
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--measure"]:  # the subreaper around one driver
+        cmd = [sys.executable, "-m", "benchmarks.pipeline_cost", "--driver", argv[1]]
+        cpu, out, err, rc = measure_tree(cmd, dict(os.environ), str(ROOT))
+        sys.stderr.write(err[-6000:])
+        runs = [x for x in out.splitlines() if x.startswith('{"run"')]
+        if rc != 0 or not runs:
+            return rc or 1
+        print(json.dumps({"tree_cpu_s": round(cpu, 3), **json.loads(runs[-1])}), flush=True)
+        return 0
+    if argv[:1] == ["--driver"]:
+        print(json.dumps({"run": driver(json.loads(argv[1]))}), flush=True)
+        return 0
+    raise SystemExit("run through `python -m benchmarks.run --section cpu`")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
