@@ -127,9 +127,8 @@ def measure_tree(cmd: list[str], env: dict, cwd: str, linger_s: float = 60.0) ->
                 except ProcessLookupError:
                     pass
         time.sleep(0.05)
-    rusage = children_cpu_s() - c0
     if group is None:
-        return rusage, out, err, proc.returncode
+        return children_cpu_s() - c0, out, err, proc.returncode
     cpu = group.cpu_s()
     group.remove()
     return cpu, out, err, proc.returncode
@@ -146,7 +145,10 @@ def driver(spec: dict) -> dict:
     summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
     import ray
 
-    slots = int(ray.cluster_resources().get("CPU", 1)) - 1  # the CPU actor reserves one (engine.place)
+    from pipeline.engine.ray_dataset import place
+
+    placed = place(cfg, ray)  # what the run placed: the cores its embed actors reserve are not decoding's
+    slots = int(ray.cluster_resources().get("CPU", 1) - placed.actors * placed.cpus_per_actor)
     ray.shutdown()
     return {
         "status": summary["status"],

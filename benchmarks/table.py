@@ -160,8 +160,8 @@ class DriverMeter:
 
     def __init__(self) -> None:
         self.block_bytes = self.blocks = self.get_bytes = self.gets = 0
-        # (driver CPU s, segments so far) at each block: the steady window runs from the first block to the last,
-        # so Ray's start-up, the model check and the final commit (fixed costs) are outside it
+        # (driver CPU s, segments so far, perf_counter) at the first block and the latest: the steady window runs
+        # from the first block to the last, so Ray's start-up, the model check and the final commit are outside it
         self.first: tuple[float, int, float] | None = None
         self.last: tuple[float, int, float] | None = None
         self.segments = 0
@@ -763,22 +763,15 @@ def part_driver(args, work: Path, release: Path) -> dict:
                 raise RuntimeError(f"driver run {side} ({speed} model) did not commit every input: {r}")
             out["runs"][f"{side}_{speed}"] = r
     for side in ("before", "after"):
-        fast, slow = out["runs"][f"{side}_fast"], out["runs"][f"{side}_slow"]
-        fit = fit_driver_cpu([fast["steady"], slow["steady"]])
+        fast = out["runs"][f"{side}_fast"]
+        steady = {speed: out["runs"][f"{side}_{speed}"]["steady"] for speed in models}
+        fit = fit_driver_cpu([steady["fast"], steady["slow"]])
         out[side] = {
             "bytes_per_segment": fast["bytes"] / fast["segments"],
             "run_cpu_ms_per_segment": 1000 * fast["driver_cpu_s"] / fast["segments"],
-            "steady_cpu_ms_per_segment": {
-                speed: out["runs"][f"{side}_{speed}"]["steady"]["cpu_ms_per_segment"] for speed in models
-            },
-            "steady_cpu_s_per_wall_s": {
-                speed: round(r["steady"]["cpu_s"] / r["steady"]["wall_s"], 4)
-                for speed, r in ((s_, out["runs"][f"{side}_{s_}"]) for s_ in models)
-            },
-            "steady_segments_per_s": {
-                speed: round(r["steady"]["segments"] / r["steady"]["wall_s"], 1)
-                for speed, r in ((s_, out["runs"][f"{side}_{s_}"]) for s_ in models)
-            },
+            "steady_cpu_ms_per_segment": {k: w["cpu_ms_per_segment"] for k, w in steady.items()},
+            "steady_cpu_s_per_wall_s": {k: round(w["cpu_s"] / w["wall_s"], 4) for k, w in steady.items()},
+            "steady_segments_per_s": {k: round(w["segments"] / w["wall_s"], 1) for k, w in steady.items()},
             **fit,
             "cpu_ms_per_segment_at_gpu_rate": 1000 * (fit["per_s_cpu_s"] / GPU_SEGMENTS_PER_S)
             + fit["per_segment_cpu_ms"],
