@@ -64,3 +64,24 @@ def test_marginal_and_fixed_cost_through_two_runs():
     marginal, fixed = fit(small, big)
     assert marginal == pytest.approx(0.003)
     assert fixed == pytest.approx(12.0)
+
+
+def test_the_model_cost_is_what_its_calls_take_per_audio_second(tmp_path):
+    """The model's own share of the marginal: CPU per audio second of the tiny model's calls, in one process, at
+    the threads asked for (the torch thread count of the test process is restored)."""
+    import torch
+
+    from benchmarks.pipeline_cost import model_cost
+    from pipeline.checkpoints import write_random_checkpoint
+
+    model = write_random_checkpoint(tmp_path / "tiny", like="MERT-v1-95M", size="tiny")
+    before = torch.get_num_threads()
+    try:
+        got = model_cost({"model": str(model), "threads": 1, "segments": 4})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert got["segments"] == 4 and got["threads"] == 1
+    # four 5 s windows of a 32-wide conv front end take milliseconds of CPU per audio second, not nothing, and
+    # far less than the audio's own length
+    assert 1e-5 < got["cpu_s_per_audio_s"] < 0.5
