@@ -105,7 +105,8 @@ class LoadedModel:
     """A built model and everything needed to describe where its numbers came from."""
 
     spec: ModelSpec  # registry facts (registered names/hub ids) or derived by registry.spec_from_config
-    model: torch.nn.Module  # transformers HubertModel or Data2VecAudioModel, eval mode, CPU, float32
+    # transformers HubertModel or Data2VecAudioModel, eval mode, CPU, float32; None from a check_only load
+    model: torch.nn.Module | None
     config: dict  # the raw config.json
     do_normalize: bool  # preprocessor_config.json do_normalize (False when absent)
     source: str  # what was asked for: registry name, "m-a-p/X@rev", local dir, or fsspec prefix
@@ -785,8 +786,13 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     expected_code_hash: str | None = None,
+    check_only: bool = False,
 ) -> LoadedModel:
     """Resolve, stage, build and strictly load a checkpoint: CPU, float32, eval mode.
+
+    check_only: the driver's check before a run. A native checkpoint that this node has strictly loaded before
+    (same content hash, same loader, same transformers) is not built again: the result has `model=None` and every
+    other field. The embed actors always build and load strictly.
 
     ref: see `resolve_model_dir`. A registered name or hub id must build a model matching the registry.
     A checkpoint that ships its own code (MERT-v2) loads only with `trust_remote_code` and a pinned ref, and
@@ -827,6 +833,18 @@ def load_model(
         )
     _check_config(config, where)
     spec = _spec(config, pre, parsed, where)
+    digest = content_hash(local_dir)
+    facts: dict[str, Any] = {
+        "config": config,
+        "do_normalize": bool((pre or {}).get("do_normalize", False)),
+        "source": ref,
+        "revision": revision,
+        "content_hash": digest,
+        "local_dir": str(Path(local_dir)),
+        "licence": parsed.registered.licence if parsed.registered is not None else None,
+    }
+    if check_only and _loaded_before(digest):
+        return LoadedModel(spec=spec, model=None, **facts)
     model: Any = build_model(config, where)  # HubertModel / Data2VecAudioModel: submodules by name
     wpath = weights_path(local_dir)
     load_weights(model, read_state_dict(wpath), wpath)
@@ -837,14 +855,29 @@ def load_model(
             f"{where}: the built model has {layers} hidden states of width "
             f"{model.config.hidden_size}, the spec says {spec.num_hidden_states} x {spec.dim}"
         )
-    return LoadedModel(
-        spec=spec,
-        model=model,
-        config=config,
-        do_normalize=bool((pre or {}).get("do_normalize", False)),
-        source=ref,
-        revision=revision,
-        content_hash=content_hash(local_dir),
-        local_dir=str(Path(local_dir)),
-        licence=parsed.registered.licence if parsed.registered is not None else None,
-    )
+    _remember_loaded(digest)
+    return LoadedModel(spec=spec, model=model, **facts)
+
+
+def _loaded_mark(digest: str) -> str:
+    """The marker of a strict load of the checkpoint with content hash `digest` on this node, by this loader
+    (its source) under this transformers: a change to either checks the checkpoint again."""
+    from importlib.metadata import version
+
+    who = hashlib.sha256(Path(__file__).read_bytes()).hexdigest() + version("transformers")
+    key = hashlib.sha256(f"{digest}:{who}".encode()).hexdigest()[:32]
+    return os.path.join(default_cache_dir(), ".loaded", key)
+
+
+def _loaded_before(digest: str) -> bool:
+    return os.path.isfile(_loaded_mark(digest))
+
+
+def _remember_loaded(digest: str) -> None:
+    mark = _loaded_mark(digest)
+    try:  # best effort, like the hash cache: without it the next check builds the model again
+        os.makedirs(os.path.dirname(mark), exist_ok=True)
+        with open(mark, "w") as f:
+            f.write(digest)
+    except OSError:
+        pass

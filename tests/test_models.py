@@ -108,6 +108,38 @@ def test_safetensors_preferred_and_content_hash_cached(tmp_path):
     assert load_model(str(d)).content_hash != first.content_hash
 
 
+def test_the_drivers_check_builds_a_checkpoint_once_per_node_and_again_when_it_changes(tmp_path, monkeypatch):
+    """check_only (the driver's check before a run): a checkpoint never strictly loaded on this node is built and
+    loaded strictly (a broken one fails); once it has been, the check skips the build and returns every fact but
+    the model; changed weights are another content hash, checked again from scratch."""
+    import pipeline.models as models
+
+    monkeypatch.setenv("MERT_PIPELINE_CACHE", str(tmp_path / "cache"))
+    d = write_random_checkpoint(tmp_path / "c", "MERT-v0", seed=1)
+    builds = []
+    real = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: builds.append(1) or real(*a, **k))
+    first = load_model(str(d), check_only=True)
+    assert first.model is not None and len(builds) == 1
+    again = load_model(str(d), check_only=True)
+    assert again.model is None and len(builds) == 1  # not built again
+    full = load_model(str(d))
+    assert full.model is not None and len(builds) == 2  # a full load (the actors') always builds
+    assert (again.spec, again.content_hash, again.config, again.do_normalize) == (
+        full.spec,
+        full.content_hash,
+        full.config,
+        full.do_normalize,
+    )
+    with pytest.raises(ValueError, match="check-only"):
+        Embedder(again, device="cpu")
+    # the same files with truncated weights: another content hash, so the check loads strictly and fails
+    weights = d / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError):
+        load_model(str(d), check_only=True)
+
+
 def test_masked_spec_embed_is_optional(tmp_path):
     d = write_random_checkpoint(tmp_path / "m", "MERT-v1-95M", seed=1)
     sd = _sd(d)

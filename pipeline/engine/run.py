@@ -57,6 +57,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
             storage_options=cfg.in_options,
             cache_dir=cfg.model_cache,
             trust_remote_code=cfg.trust_remote_code,
+            check_only=not cfg.dry_run,  # a dry run's estimate embeds; a run's actors load it strictly
         )
     except PipelineError:
         raise
