@@ -263,14 +263,17 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
         )
     by_format = {r["format"]: r for r in stage_rows}
     rows = []
-    model_cpu: dict | None = None  # the model's own share of the marginal, measured once (format-independent)
+    # The model's own share of the marginal, measured once (format-independent), first: its full load also marks
+    # the checkpoint as loaded on this node, so no run below pays the driver's build of it and the others not
+    # (pipeline.models, check_only). Threads: a CPU actor's on this machine; measured again if a run placed others.
+    model_cpu = measure_model_cost(str(model), os.cpu_count() or 1)
     for path in corpus:
         fmt = path.name.split("_")[0]
         stage = by_format[fmt]
         small = one_run([path] * n, str(model), work, f"{fmt}-{n}")
         big = one_run([path] * (3 * n), str(model), work, f"{fmt}-{3 * n}")
         marginal, fixed = fit(small, big)
-        if model_cpu is None:
+        if model_cpu["threads"] != big["run"]["actor_threads"]:
             model_cpu = measure_model_cost(str(model), big["run"]["actor_threads"])
         limit = stage["cpu_s_per_audio_s"]["limit"]
         beside = marginal - model_cpu["cpu_s_per_audio_s"]  # the pipeline's own: decode, Ray, driver, writers
