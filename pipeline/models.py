@@ -576,11 +576,22 @@ def read_model_config(
 # Building and loading
 
 
+def ensure_cwd() -> None:
+    """transformers resolves a relative path when it is first imported (`Path("src").resolve()`), which fails
+    in a process whose current directory is gone: a Ray job's driver or worker after Ray replaced the job's
+    working directory. Such a process moves to the temporary directory; nothing relative could be read anyway."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(tempfile.gettempdir())
+
+
 def build_model(config: dict, where: str = "config.json") -> torch.nn.Module:
     """transformers' HubertModel or Data2VecAudioModel built from a raw config.json dict (weights uninitialized).
 
     Remote-code entries (auto_map, MERT-only switches such as attention_relax) are ignored; SDPA attention.
     """
+    ensure_cwd()
     from transformers import Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel
     from transformers.initialization import no_init_weights
 
@@ -870,14 +881,17 @@ def _loaded_mark(digest: str) -> str:
 
 
 def _loaded_before(digest: str) -> bool:
-    return os.path.isfile(_loaded_mark(digest))
+    try:
+        return os.path.isfile(_loaded_mark(digest))
+    except Exception:  # no marker to read (the loader's source, transformers' metadata): check in full
+        return False
 
 
 def _remember_loaded(digest: str) -> None:
-    mark = _loaded_mark(digest)
     try:  # best effort, like the hash cache: without it the next check builds the model again
+        mark = _loaded_mark(digest)
         os.makedirs(os.path.dirname(mark), exist_ok=True)
         with open(mark, "w") as f:
             f.write(digest)
-    except OSError:
+    except Exception:
         pass

@@ -260,7 +260,12 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
         ),
         runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}},
     )
-    wait_for(lambda: committed(out) >= 2 or client.get_job_status(job).is_terminal(), 300, "two commits")
+    try:
+        wait_for(lambda: committed(out) >= 2 or client.get_job_status(job).is_terminal(), 300, "two commits")
+    except AssertionError as exc:  # say why, and free the cluster's cores for the tests after this one
+        logs = client.get_job_logs(job)
+        client.stop_job(job)
+        raise AssertionError(f"{exc}; the job's log ends:\n{logs[-4000:]}") from None
     at_kill = committed(out)
     cluster.remove_node(worker)  # its raylet, its workers, its objects: gone
     deadline = time.time() + 400

@@ -569,3 +569,20 @@ def test_published_config_is_within_the_bounds():
     if not reference.exists():
         pytest.skip(f"{reference} is not in this checkout")
     check_config_bounds(json.loads(reference.read_text()), str(reference))
+
+
+def test_a_process_whose_current_directory_is_gone_can_still_build_a_model(tmp_path, monkeypatch):
+    """A Ray job's driver or worker may find its working directory replaced under it; transformers resolves a
+    relative path on first import, so building moves such a process to the temporary directory first."""
+    from pipeline.models import ensure_cwd
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(FileNotFoundError):
+        os.getcwd()
+    ensure_cwd()
+    assert os.path.isdir(os.getcwd())
+    d = write_random_checkpoint(tmp_path / "c", "MERT-v0", seed=3)
+    assert load_model(str(d)).model is not None

@@ -463,14 +463,13 @@ def _block_counts(timings: dict, block: pa.Table, t0: float) -> tuple[float, int
 
 
 def _versions() -> dict:
-    import pyarrow
-    import ray
-    import torch
-    import transformers
+    """The installed versions, from the packages' metadata: importing transformers only for its version failed in
+    a Ray job's driver whose working directory Ray had replaced (see models.ensure_cwd), after the run's work."""
+    from importlib.metadata import version
+
+    import torch  # already imported for the model check: its version carries the CUDA build (2.11.0+cu130)
 
     return {
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "pyarrow": pyarrow.__version__,
+        **{name: version(name) for name in ("transformers", "ray", "pyarrow")},
     }
