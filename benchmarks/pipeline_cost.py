@@ -5,10 +5,10 @@ isolated-stage figures it is compared with; `--pipeline-files 0` skips it). Per 
 `pipeline.engine.run` on N and 3N hard links of the section's 3-minute file (the recording id is the URI, so each
 link is its own recording), a tiny random checkpoint in hub layout (PIPELINE_CONV_DIM: what is measured is the
 pipeline, not the model; the model's own calls are measured alone too, `model_cost`), to a fresh local table.
-Each run is a fresh driver process that starts its own local Ray and shuts it down. Its CPU is every process's: the driver runs under a small measuring process (`--measure`) in a fresh
-cgroup (v1 `cpuacct`, which counts every process ever in it: Ray's daemons, workers, the decoder children, the
-actors). That process is also a child subreaper (Linux `PR_SET_CHILD_SUBREAPER`), so it reaps every descendant
-before it reads the count. Without a cgroup (not root) it falls back to `RUSAGE_CHILDREN`, which misses the CPU
+Each run is a fresh driver process that starts its own local Ray and shuts it down. Its CPU is every process's:
+the driver runs under a small measuring process (`--measure`) in a fresh cgroup (v1 `cpuacct`, which counts
+every process ever in it: Ray's daemons, workers, the decoder children, the actors). That process is also a
+child subreaper (Linux `PR_SET_CHILD_SUBREAPER`), so it reaps every descendant before it reads the count. Without a cgroup (not root) it falls back to `RUSAGE_CHILDREN`, which misses the CPU
 of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU would be lost (15-20 CPU s a run).
 
   marginal  (CPU(3N) - CPU(N)) / (audio(3N) - audio(N)): what one more audio second costs the whole run;
@@ -38,7 +38,7 @@ GOAL_STEADY_OVER_CAPACITY = 0.9
 PR_SET_CHILD_SUBREAPER = 36
 # The runs' checkpoint: the tiny MERT-v1-95M (real strides and kernels, 2 layers, 32 wide) with a conv front end 4
 # channels wide. The tests' 32-wide front end costs ~4.4 CPU ms per audio s on the raw 24 kHz waveform, twice the
-# MP3 decode limit: the runs would measure the model. At 4 wide it is ~0.7 (its own share is reported beside).
+# MP3 decode limit: the runs would measure the model. At 4 wide it is 0.5-0.7 (its share is reported beside).
 PIPELINE_CONV_DIM = 4
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -196,17 +196,24 @@ def model_cost(spec: dict) -> dict:
 
 def measure_model_cost(model: str, threads: int, segments: int = 96) -> dict:
     spec = {"model": model, "threads": threads, "segments": segments}
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return _in_fresh_process("--model-cost", spec, "cpu_s_per_audio_s", "the model cost run")
+
+
+def _in_fresh_process(flag: str, spec: dict, first_key: str, what: str) -> dict:
+    """`python -m benchmarks.pipeline_cost FLAG SPEC` in a fresh process (no RAY_ADDRESS: each run starts its own
+    local Ray): the last JSON line it prints whose first key is `first_key`."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.pipeline_cost", "--model-cost", json.dumps(spec)],
+        [sys.executable, "-m", "benchmarks.pipeline_cost", flag, json.dumps(spec)],
         capture_output=True,
         text=True,
         env=env,
         cwd=str(ROOT),
     )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith('{"cpu_s_per_audio_s"')]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(f'{{"{first_key}"')]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"the model cost run failed: {proc.stderr.strip()[-3000:]}")
+        raise RuntimeError(f"{what} failed: {proc.stderr.strip()[-3000:]}")
     return json.loads(lines[-1])
 
 
@@ -221,19 +228,7 @@ def one_run(files: list[Path], model: str, work: Path, tag: str) -> dict:
     for i, f in enumerate(files):
         os.link(f, inp / f"{i:03d}_{f.name}")
     spec = {"input": str(inp), "output": str(out), "model": model}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.pipeline_cost", "--measure", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(ROOT),
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith('{"tree_cpu_s"')]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"pipeline run {tag} failed: {proc.stderr.strip()[-3000:]}")
-    r = json.loads(lines[-1])
+    r = _in_fresh_process("--measure", spec, "tree_cpu_s", f"pipeline run {tag}")
     if r["run"]["status"] != "complete" or r["run"]["ok"] != len(files):
         raise RuntimeError(f"pipeline run {tag} did not embed every input: {r}")
     shutil.rmtree(out, ignore_errors=True)

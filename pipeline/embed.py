@@ -95,11 +95,11 @@ class Embedder:
 
         if self.device.type == "cuda" and dtype == "float32":
             _disable_tf32()
-        # HubertModel or Data2VecAudioModel: their submodules are reached by name, so typed as Any
         if loaded.model is None:
             raise ValueError(
                 f"{self.spec.name}: a check-only load has no model to embed with (load it fully)"
             )
+        # HubertModel or Data2VecAudioModel: their submodules are reached by name, so typed as Any
         self.model: Any = loaded.model.to(device=self.device, dtype=self.dtype).eval()
         self._frames_by_length: dict[int, int] = {}  # a model with its own code: frames seen per length
         self._keep = set(self.layers)

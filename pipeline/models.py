@@ -13,6 +13,7 @@ Loading is strict (every key present, none extra, every shape right); a pickle i
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -591,7 +592,6 @@ def build_model(config: dict, where: str = "config.json") -> torch.nn.Module:
 
     Remote-code entries (auto_map, MERT-only switches such as attention_relax) are ignored; SDPA attention.
     """
-    ensure_cwd()
     from transformers import Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel
     from transformers.initialization import no_init_weights
 
@@ -810,6 +810,7 @@ def load_model(
     on a worker only when its code hash equals `expected_code_hash` (the driver's): see pipeline.remote_code.
     The flag changes nothing for the natively built models. Raises ModelLoadError naming the path and what to do.
     """
+    ensure_cwd()  # before transformers is imported, by the native build or a checkpoint's own code
     parsed = _parse_ref(ref)
     if parsed.registered is not None and parsed.registered.remote_code:  # before anything is downloaded
         require_opt_in(parsed.registered.name, trust_remote_code)
@@ -870,13 +871,18 @@ def load_model(
     return LoadedModel(spec=spec, model=model, **facts)
 
 
+@functools.cache
+def _loader_identity() -> str:
+    """This loader's source and transformers' version: what a strict load's marker holds besides the content."""
+    from importlib.metadata import version
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest() + version("transformers")
+
+
 def _loaded_mark(digest: str) -> str:
     """The marker of a strict load of the checkpoint with content hash `digest` on this node, by this loader
     (its source) under this transformers: a change to either checks the checkpoint again."""
-    from importlib.metadata import version
-
-    who = hashlib.sha256(Path(__file__).read_bytes()).hexdigest() + version("transformers")
-    key = hashlib.sha256(f"{digest}:{who}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{digest}:{_loader_identity()}".encode()).hexdigest()[:32]
     return os.path.join(default_cache_dir(), ".loaded", key)
 
 
