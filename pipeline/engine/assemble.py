@@ -61,7 +61,8 @@ class Assembler:
 
     @staticmethod
     def _cover(w: _Waiting) -> list[str] | None:
-        assert w.record is not None
+        if w.record is None:  # called only for recordings whose record arrived
+            raise RuntimeError("a recording's segments were matched to flushes before its record arrived")
         need = int(w.record.get("sent", w.record.get("segments") or 0))
         chosen: list[str] = []
         covered: set[int] = set()

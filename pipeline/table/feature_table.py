@@ -95,7 +95,10 @@ class FeatureTable:
                 return
             except AlreadyExists:
                 existing = self.read_meta()
-        assert existing is not None  # the create that won
+        if existing is None:  # the create that won must be readable
+            raise PipelineError(
+                f"{self.root}: another writer created the table, but its metadata cannot be read"
+            )
         if existing.get("config_hash") != meta["config_hash"]:
             old, new = existing.get("config", {}), meta["config"]
             diff = [
@@ -148,7 +151,10 @@ class FeatureTable:
             **extra,
         }
         version = self.log.append(entry, epoch=self.lease.epoch)
-        assert version is not None
+        if version is None:
+            raise PipelineError(
+                f"{self.root}: the commit log gave no version for run {self.lease.run_id}'s commit"
+            )
         return version
 
     def write_run(self, run_id: str, summary: dict) -> None:

@@ -119,11 +119,13 @@ def commit_recordings(
 ) -> int:
     """Write `recordings` (id -> segments) as one flush with the real writer and commit them under the lease
     `table` holds. Returns the version."""
-    assert table.lease is not None, "take the lease first"
+    if table.lease is None:
+        raise RuntimeError(f"take the lease of {table.root} first")
     w = writer(table, table.lease.run_id)
     w.add(block(recordings, value=value))
     meta = w.flush()
-    assert meta is not None
+    if meta is None:
+        raise RuntimeError(f"the writer flushed nothing for recordings {sorted(recordings)}")
     rows = [
         {
             **record(rid, n, status=status, fingerprint=fingerprint),
