@@ -236,7 +236,7 @@ def test_ray_job_submit_a_worker_node_dying_midway_and_ray_job_stop(two_node_clu
 
     # 2. a longer job; its worker node dies once some shards are committed
     audio, out = tmp_path / "audio", tmp_path / "table"
-    expected = corpus(audio, 12, 11.0)
+    expected = corpus(audio, 8, 11.0)
     client = JobSubmissionClient(dashboard)
     job = submit_job(
         client,
@@ -378,7 +378,7 @@ def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(model_di
 
 def test_sigterm_stops_the_driver_at_a_commit_boundary_and_a_rerun_resumes(model_dir, tmp_path):
     audio, out = tmp_path / "audio", tmp_path / "table"
-    expected = corpus(audio, 12, 11.0)
+    expected = corpus(audio, 8, 11.0)
     with driver_midway(audio, out, model_dir) as proc:
         t = time.time()
         proc.send_signal(signal.SIGTERM)  # the driver only, as `ray job stop` or a pod eviction does
