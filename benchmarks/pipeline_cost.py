@@ -11,10 +11,16 @@ every process ever in it: Ray's daemons, workers, the decoder children, the acto
 child subreaper (Linux `PR_SET_CHILD_SUBREAPER`), so it reaps every descendant before it reads the count. Without a cgroup (not root) it falls back to `RUSAGE_CHILDREN`, which misses the CPU
 of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU would be lost (15-20 CPU s a run).
 
-  marginal  (CPU(3N) - CPU(N)) / (audio(3N) - audio(N)): what one more audio second costs the whole run;
+  marginal  what one more audio second costs the whole run, every process counted, through the two runs'
+            steady windows (first embedded block at the driver to the last; the tree's CPU sampled every
+            SAMPLE_S and read at both ends): (window CPU(3N) - window CPU(N)) / (window audio(3N) - window
+            audio(N)). The whole runs' (CPU(3N) - CPU(N)) / (audio(3N) - audio(N)) is kept beside it: a run's
+            start-up varies by about +-10 CPU s, which 48 more minutes of audio at the limit (~7 CPU s) cannot
+            outweigh, so that fit did not resolve the marginal;
   -model    the marginal less the model's own CPU per audio second (its calls alone, in one process, at the
             actor's torch threads): what the pipeline around the model costs
-  fixed     CPU(N) - marginal x audio(N): what a run costs before and around the work (goal <= 10 CPU s);
+  fixed     CPU - marginal x audio, the mean over the two runs: what a run costs before and around the work
+            (goal <= 10 CPU s);
   steady    the 3N run's `timings.steady_audio_s_per_s` (first embedded block to last) against the CPU stage's
             capacity on the cores the pipeline gives decoding: decode slots (the cluster's CPUs minus what the
             embed actor reserves; one on 2 cores) x the isolated stage's audio s per CPU s (goal >= 0.9).
@@ -23,6 +29,7 @@ of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU wou
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import resource
@@ -36,6 +43,7 @@ GOAL_MARGINAL_OVER_LIMIT = 1.25
 GOAL_FIXED_CPU_S = 10.0
 GOAL_STEADY_OVER_CAPACITY = 0.9
 PR_SET_CHILD_SUBREAPER = 36
+SAMPLE_S = 0.05  # how often the tree's CPU is read during a run (the steady window's ends are interpolated)
 # The runs' checkpoint: the tiny MERT-v1-95M (real strides and kernels, 2 layers, 32 wide) with a conv front end 4
 # channels wide. The tests' 32-wide front end costs ~4.4 CPU ms per audio s on the raw 24 kHz waveform, twice the
 # MP3 decode limit: the runs would measure the model. At 4 wide it is 0.5-0.7 (its share is reported beside).
@@ -98,11 +106,15 @@ class CpuGroup:
                 time.sleep(0.1)
 
 
-def measure_tree(cmd: list[str], env: dict, cwd: str, linger_s: float = 60.0) -> tuple[float, str, str, int]:
+def measure_tree(
+    cmd: list[str], env: dict, cwd: str, linger_s: float = 60.0, samples: list | None = None
+) -> tuple[float, str, str, int]:
     """Run `cmd` as a subreaper's child; after it exits, reap every descendant (SIGKILL what still lives after
     `linger_s`). Returns (CPU s of the whole tree, stdout, stderr, exit code): the cgroup's count where one can be
     made (CpuGroup), else RUSAGE_CHILDREN's, which misses the CPU of processes reaped by nobody (Ray's workers).
-    Call it in a process with no other children: RUSAGE_CHILDREN counts every child this process has reaped."""
+    Call it in a process with no other children: RUSAGE_CHILDREN counts every child this process has reaped.
+    With a cgroup and a `samples` list, a thread appends (time.time(), the tree's CPU s so far) every SAMPLE_S
+    while the command runs (this process is outside the group: its sampling is not counted)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
@@ -117,7 +129,20 @@ def measure_tree(cmd: list[str], env: dict, cwd: str, linger_s: float = 60.0) ->
         text=True,
         preexec_fn=group.enter if group is not None else None,
     )
+    sampler = None
+    if group is not None and samples is not None:
+        import threading
+
+        def sample() -> None:
+            while proc.poll() is None:
+                samples.append((time.time(), group.cpu_s()))
+                time.sleep(SAMPLE_S)
+
+        sampler = threading.Thread(target=sample, name="cpu-sampler", daemon=True)
+        sampler.start()
     out, err = proc.communicate()
+    if sampler is not None:
+        sampler.join()
     deadline = time.monotonic() + linger_s
     while True:
         try:
@@ -148,6 +173,7 @@ def driver(spec: dict) -> dict:
     cfg = RunConfig(
         input=spec["input"], output=spec["output"], model=spec["model"], num_gpus=0, progress=False
     )
+    started_at = time.time()  # run()'s own t0 is taken a few ms later: its timings count from there
     summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
     import ray
 
@@ -162,6 +188,7 @@ def driver(spec: dict) -> dict:
         "audio_s": summary["audio_hours"] * 3600,
         "wall_s": summary["wall_s"],
         "timings": summary["timings"],
+        "started_at": started_at,
         "decode_slots": slots,
         "actor_threads": placed.threads,
     }
@@ -235,6 +262,39 @@ def one_run(files: list[Path], model: str, work: Path, tag: str) -> dict:
     return r
 
 
+def cpu_at(samples: list[tuple[float, float]], t: float) -> float:
+    """The tree's CPU s at wall time `t`, linearly between the two samples around it."""
+    if not samples or not samples[0][0] <= t <= samples[-1][0]:
+        raise ValueError(f"no CPU samples around {t} (sampled {samples[0][0] if samples else None} onwards)")
+    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
+        if t0 <= t <= t1:
+            return c0 if t1 == t0 else c0 + (c1 - c0) * (t - t0) / (t1 - t0)
+    return samples[-1][1]
+
+
+def steady_window(samples: list[tuple[float, float]], run: dict) -> dict:
+    """The whole tree's CPU between the run's first and last embedded block at the driver, and the segment audio
+    delivered after the first block (the same window as `timings.steady_audio_s_per_s`): no start-up, model load
+    or final commit inside it."""
+    tm = run["timings"]
+    if "first_output_s" not in tm or tm.get("last_output_s", 0.0) <= tm["first_output_s"]:
+        raise ValueError(f"the run delivered fewer than two blocks: {tm}")
+    start, end = run["started_at"] + tm["first_output_s"], run["started_at"] + tm["last_output_s"]
+    return {
+        "cpu_s": round(cpu_at(samples, end) - cpu_at(samples, start), 3),
+        "audio_s": tm["steady_audio_s"],
+        "wall_s": round(end - start, 3),
+    }
+
+
+def steady_marginal(small: dict, big: dict) -> float:
+    """CPU s per audio s through the two runs' steady windows: what one more audio second costs once the run is
+    going, every process counted. The difference cancels what both windows share: decoding that ran before the
+    first block for audio delivered after it, and any tail of start-up inside the window."""
+    ws, wb = small["window"], big["window"]
+    return (wb["cpu_s"] - ws["cpu_s"]) / (wb["audio_s"] - ws["audio_s"])
+
+
 def fit(small: dict, big: dict) -> tuple[float, float]:
     """(marginal CPU s per audio s, fixed CPU s per run) through the two runs."""
     a1, c1 = small["run"]["audio_s"], small["tree_cpu_s"]
@@ -267,7 +327,13 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
         stage = by_format[fmt]
         small = one_run([path] * n, str(model), work, f"{fmt}-{n}")
         big = one_run([path] * (3 * n), str(model), work, f"{fmt}-{3 * n}")
-        marginal, fixed = fit(small, big)
+        whole_run_marginal, _ = fit(small, big)
+        if small.get("window") and big.get("window"):
+            marginal, marginal_from = steady_marginal(small, big), "steady windows"
+        else:  # no cgroup to sample: the whole runs' fit, which carries each run's fixed-cost noise
+            marginal, marginal_from = whole_run_marginal, "whole runs"
+        fixed_runs = [r["tree_cpu_s"] - marginal * r["run"]["audio_s"] for r in (small, big)]
+        fixed = sum(fixed_runs) / 2
         if model_cpu["threads"] != big["run"]["actor_threads"]:
             model_cpu = measure_model_cost(str(model), big["run"]["actor_threads"])
         limit = stage["cpu_s_per_audio_s"]["limit"]
@@ -281,6 +347,10 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
                 "files": [n, 3 * n],
                 "audio_s": [round(small["run"]["audio_s"], 1), round(big["run"]["audio_s"], 1)],
                 "tree_cpu_s": [round(small["tree_cpu_s"], 2), round(big["tree_cpu_s"], 2)],
+                "marginal_from": marginal_from,
+                "window_cpu_s": [(r.get("window") or {}).get("cpu_s") for r in (small, big)],
+                "window_audio_s": [(r.get("window") or {}).get("audio_s") for r in (small, big)],
+                "whole_run_fit_cpu_ms_per_audio_s": round(1000 * whole_run_marginal, 4),
                 "marginal_cpu_ms_per_audio_s": round(1000 * marginal, 4),
                 "marginal_audio_s_per_cpu_s": round(1 / marginal, 1) if marginal > 0 else None,
                 "limit_audio_s_per_cpu_s": round(1 / limit, 1),
@@ -289,6 +359,7 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
                 "model_cpu_ms_per_audio_s": round(1000 * model_cpu["cpu_s_per_audio_s"], 4),
                 "beside_model_over_limit": round(beside / limit, 3),
                 "fixed_cpu_s": round(fixed, 2),
+                "fixed_cpu_s_runs": [round(f, 2) for f in fixed_runs],
                 "decode_slots": slots,
                 "capacity_audio_s_per_s": round(capacity, 1),
                 "steady_audio_s_per_s": steady,
@@ -343,18 +414,26 @@ def print_pipeline_section(section: dict) -> None:
             f"the tiny model alone: {1000 * mc['cpu_s_per_audio_s']:.3f} CPU ms per audio s ({mc['threads']} torch "
             "thread(s), one process); -model/limit: the marginal less that, over the limit"
         )
+    froms = sorted({r["marginal_from"] for r in section["formats"]})
+    print(
+        f"pipeline x: the marginal through the {' / '.join(froms)}; the whole runs' fit beside it, ms per audio s: "
+        + ", ".join(f"{r['format']} {r['whole_run_fit_cpu_ms_per_audio_s']}" for r in section["formats"])
+    )
     print(f"goals: {section['goals']}")
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--measure"]:  # the subreaper around one driver
         cmd = [sys.executable, "-m", "benchmarks.pipeline_cost", "--driver", argv[1]]
-        cpu, out, err, rc = measure_tree(cmd, dict(os.environ), str(ROOT))
+        samples: list[tuple[float, float]] = []
+        cpu, out, err, rc = measure_tree(cmd, dict(os.environ), str(ROOT), samples=samples)
         sys.stderr.write(err[-6000:])
         runs = [x for x in out.splitlines() if x.startswith('{"run"')]
         if rc != 0 or not runs:
             return rc or 1
-        print(json.dumps({"tree_cpu_s": round(cpu, 3), **json.loads(runs[-1])}), flush=True)
+        result = json.loads(runs[-1])
+        window = steady_window(samples, result["run"]) if samples else None
+        print(json.dumps({"tree_cpu_s": round(cpu, 3), **result, "window": window}), flush=True)
         return 0
     if argv[:1] == ["--model-cost"]:
         print(json.dumps(model_cost(json.loads(argv[1]))), flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.pipeline_cost import fit
+from benchmarks.pipeline_cost import CpuGroup, cpu_at, fit, steady_marginal, steady_window
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,3 +86,76 @@ def test_the_model_cost_is_what_its_calls_take_per_audio_second(tmp_path):
     # four 5 s windows of a 32-wide conv front end take milliseconds of CPU per audio second, not nothing, and
     # far less than the audio's own length
     assert 1e-5 < got["cpu_s_per_audio_s"] < 0.5
+
+
+# Idles, burns ~0.6 CPU s while printing when it starts and stops, idles again.
+PHASED = textwrap.dedent(
+    """
+    import sys, time
+    time.sleep(0.6)
+    print("start", time.time(), flush=True)
+    t = time.process_time()
+    while time.process_time() - t < 0.6:
+        pass
+    print("stop", time.time(), flush=True)
+    time.sleep(0.4)
+    """
+)
+
+
+def test_the_sampled_tree_cpu_reads_a_window_inside_the_run():
+    probe = CpuGroup.make(f"bench-probe-{os.getpid()}")
+    if probe is None:
+        pytest.skip("no cgroup v1 cpuacct group can be made here (not root, or cgroup v2)")
+    probe.remove()
+    code = textwrap.dedent(
+        f"""
+        import json, os, sys
+        from benchmarks.pipeline_cost import measure_tree
+        samples = []
+        cpu, out, err, rc = measure_tree([sys.executable, "-c", {PHASED!r}], dict(os.environ), os.getcwd(),
+                                         samples=samples)
+        print(json.dumps({{"cpu": cpu, "out": out, "samples": samples}}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+    )
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    marks = {ln.split()[0]: float(ln.split()[1]) for ln in got["out"].splitlines()}
+    samples = [tuple(x) for x in got["samples"]]
+    assert len(samples) >= 20  # every SAMPLE_S for ~1.6 s
+    burn = cpu_at(samples, marks["stop"]) - cpu_at(samples, marks["start"])
+    before = cpu_at(samples, marks["start"] - 0.15) - cpu_at(samples, samples[0][0])
+    assert 0.45 <= burn <= 0.75, burn  # the burn, give or take a sample at each end
+    assert before < burn / 2  # the interpreter's start-up, not the burn
+    assert got["cpu"] >= burn
+
+
+def test_the_steady_marginal_comes_from_the_two_runs_windows():
+    def run(fixed: float, rate: float, audio: float) -> tuple[list, dict]:
+        # start-up costs `fixed` CPU s over 10 s, then `rate` CPU s per audio s at 100 audio s per s
+        t0, span = 1000.0, audio / 100.0
+        samples = [(t0 + t, fixed * t / 10) for t in (0.0, 10.0)]
+        samples += [(t0 + 10 + span * k / 10, fixed + rate * audio * k / 10) for k in range(1, 11)]
+        first = 10.0 + span / 10  # the first block: a tenth of the audio
+        return samples, {
+            "started_at": t0,
+            "timings": {"first_output_s": first, "last_output_s": 10 + span, "steady_audio_s": audio * 0.9},
+        }
+
+    s_small, r_small = run(fixed=25.0, rate=0.004, audio=1440.0)
+    s_big, r_big = run(fixed=15.0, rate=0.004, audio=4320.0)  # a cheaper start: the whole-run fit is skewed
+    small = {
+        "window": steady_window(s_small, r_small),
+        "tree_cpu_s": 25 + 0.004 * 1440,
+        "run": {"audio_s": 1440},
+    }
+    big = {"window": steady_window(s_big, r_big), "tree_cpu_s": 15 + 0.004 * 4320, "run": {"audio_s": 4320}}
+    assert small["window"]["cpu_s"] == pytest.approx(0.004 * 1440 * 0.9)
+    assert steady_marginal(small, big) == pytest.approx(0.004)
+    assert fit(small, big)[0] < 0.001  # what the whole runs' fit made of the same two runs
+    with pytest.raises(ValueError, match="fewer than two blocks"):
+        steady_window(
+            s_small, {"started_at": 1000.0, "timings": {"first_output_s": 11.0, "last_output_s": 11.0}}
+        )
