@@ -48,6 +48,11 @@ SAMPLE_S = 0.05  # how often the tree's CPU is read during a run (the steady win
 # channels wide. The tests' 32-wide front end costs ~4.4 CPU ms per audio s on the raw 24 kHz waveform, twice the
 # MP3 decode limit: the runs would measure the model. At 4 wide it is 0.5-0.7 (its share is reported beside).
 PIPELINE_CONV_DIM = 4
+# The embed actor reserves one core and runs one torch thread, as a GPU actor does (engine.ray_dataset.place). The
+# CPU default gives a lone CPU actor every core's thread, right for the real model (it costs ~100x the decode) but
+# here two torch threads on two cores spin against the decode slot: the actor's CPU in the steady window was
+# 1.70 ms per audio s at 2 threads and 0.90 at 1, at the same wall clock (24 MP3 files, 2026-12-03).
+PIPELINE_CPUS_PER_ACTOR = 1.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -171,7 +176,12 @@ def driver(spec: dict) -> dict:
     from pipeline.engine import run
 
     cfg = RunConfig(
-        input=spec["input"], output=spec["output"], model=spec["model"], num_gpus=0, progress=False
+        input=spec["input"],
+        output=spec["output"],
+        model=spec["model"],
+        num_gpus=0,
+        progress=False,
+        cpus_per_actor=spec.get("cpus_per_actor"),
     )
     started_at = time.time()  # run()'s own t0 is taken a few ms later: its timings count from there
     summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
@@ -254,7 +264,7 @@ def one_run(files: list[Path], model: str, work: Path, tag: str) -> dict:
     inp.mkdir(parents=True)
     for i, f in enumerate(files):
         os.link(f, inp / f"{i:03d}_{f.name}")
-    spec = {"input": str(inp), "output": str(out), "model": model}
+    spec = {"input": str(inp), "output": str(out), "model": model, "cpus_per_actor": PIPELINE_CPUS_PER_ACTOR}
     r = _in_fresh_process("--measure", spec, "tree_cpu_s", f"pipeline run {tag}")
     if r["run"]["status"] != "complete" or r["run"]["ok"] != len(files):
         raise RuntimeError(f"pipeline run {tag} did not embed every input: {r}")
@@ -320,8 +330,8 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
     rows = []
     # The model's own share of the marginal, measured once (format-independent), first: its full load also marks
     # the checkpoint as loaded on this node, so no run below pays the driver's build of it and the others not
-    # (pipeline.models, check_only). Threads: a CPU actor's on this machine; measured again if a run placed others.
-    model_cpu = measure_model_cost(str(model), os.cpu_count() or 1)
+    # (pipeline.models, check_only). Threads: the runs' actor's (PIPELINE_CPUS_PER_ACTOR); again if a run placed others.
+    model_cpu = measure_model_cost(str(model), int(PIPELINE_CPUS_PER_ACTOR))
     for path in corpus:
         fmt = path.name.split("_")[0]
         stage = by_format[fmt]
