@@ -442,7 +442,11 @@ def main(argv: list[str]) -> int:
         if rc != 0 or not runs:
             return rc or 1
         result = json.loads(runs[-1])
-        window = steady_window(samples, result["run"]) if samples else None
+        try:  # no window without samples (no cgroup) or with fewer than two blocks: the whole runs' fit then
+            window = steady_window(samples, result["run"]) if samples else None
+        except ValueError as exc:
+            print(f"no steady window: {exc}", file=sys.stderr)
+            window = None
         print(json.dumps({"tree_cpu_s": round(cpu, 3), **result, "window": window}), flush=True)
         return 0
     if argv[:1] == ["--model-cost"]:
