@@ -571,18 +571,27 @@ def test_published_config_is_within_the_bounds():
     check_config_bounds(json.loads(reference.read_text()), str(reference))
 
 
-def test_a_process_whose_current_directory_is_gone_can_still_build_a_model(tmp_path, monkeypatch):
+def test_a_process_whose_current_directory_is_gone_can_still_build_a_model(tmp_path):
     """A Ray job's driver or worker may find its working directory replaced under it; transformers resolves a
-    relative path on first import, so building moves such a process to the temporary directory first."""
-    from pipeline.models import ensure_cwd
-
-    gone = tmp_path / "gone"
-    gone.mkdir()
-    monkeypatch.chdir(gone)
-    gone.rmdir()
-    with pytest.raises(FileNotFoundError):
-        os.getcwd()
-    ensure_cwd()
-    assert os.path.isdir(os.getcwd())
+    relative path on first import, so load_model moves such a process to the temporary directory first. Run in a
+    fresh process, where load_model's build is transformers' first import."""
     d = write_random_checkpoint(tmp_path / "c", "MERT-v0", seed=3)
-    assert load_model(str(d)).model is not None
+    code = (
+        "import os, sys\n"
+        "from pipeline.models import load_model\n"  # and torch, as in a job's driver before Ray moves it
+        "assert 'transformers' not in sys.modules\n"
+        "os.mkdir(sys.argv[1]); os.chdir(sys.argv[1]); os.rmdir(sys.argv[1])\n"
+        "try:\n    os.getcwd()\nexcept FileNotFoundError:\n    pass\nelse:\n    sys.exit('the directory is not gone')\n"
+        "print(load_model(sys.argv[2]).model is not None, os.getcwd())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "gone"), str(d)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    built, cwd = done.stdout.split()
+    assert built == "True" and os.path.isdir(cwd)
