@@ -21,6 +21,12 @@ of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU wou
             actor's torch threads): what the pipeline around the model costs
   fixed     CPU - marginal x audio, the mean over the two runs: what a run costs before and around the work
             (goal <= 10 CPU s);
+  floor     what Ray and Ray Data alone cost a run shaped like ours, measured the same way in the same command
+            (FLOOR_RUNS fresh processes, `--floor`): a local Ray started with the run's own options
+            (engine.ray_dataset.connect), FLOOR_BLOCKS items through a task stage and a one-CPU one-actor pool of
+            identity functions, each block to the driver as it finishes, Ray shut down. Its tree CPU and the
+            time to its first block are what no change inside the pipeline can remove while it runs on Ray Data;
+            `fixed - floor` and `first block - floor` are the pipeline's own share of the start-up goals;
   steady    the 3N run's `timings.steady_audio_s_per_s` (first embedded block to last) against the CPU stage's
             capacity on the cores the pipeline gives decoding: decode slots (the cluster's CPUs minus what the
             embed actor reserves; one on 2 cores) x the isolated stage's audio s per CPU s (goal >= 0.9).
@@ -53,6 +59,8 @@ PIPELINE_CONV_DIM = 4
 # here two torch threads on two cores spin against the decode slot: the actor's CPU in the steady window was
 # 1.70 ms per audio s at 2 threads and 0.90 at 1, at the same wall clock (24 MP3 files, 2026-12-03).
 PIPELINE_CPUS_PER_ACTOR = 1.0
+FLOOR_RUNS = 2  # fresh Ray + Ray Data floor processes per section (their mean is subtracted)
+FLOOR_BLOCKS = 8  # items through the floor's two stages, one block each (a run of N files has N decode tasks)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -231,6 +239,81 @@ def model_cost(spec: dict) -> dict:
     return {"cpu_s_per_audio_s": cpu / audio, "threads": spec["threads"], "segments": len(waves)}
 
 
+def floor_driver(spec: dict) -> dict:
+    """Ray and Ray Data's own start, run and stop in this (fresh) process, shaped like a pipeline run: the run's
+    Ray options, its DataContext settings, `spec["blocks"]` items through a task stage (one CPU each) and an
+    actor pool of one one-CPU actor, both identity functions, each block taken at the driver as it finishes
+    (prefetch 0, as the run iterates). Times count from before Ray's import, as a run's count from run()'s start."""
+    from pipeline.config import RunConfig
+    from pipeline.engine.ray_dataset import connect
+
+    started_at = time.time()
+    connect(RunConfig(input="in", output="out"), log=lambda m: print(m, file=sys.stderr))
+    ready_s = time.time() - started_at
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items([{"i": i} for i in range(spec["blocks"])], override_num_blocks=spec["blocks"])
+    ds = ds.map_batches(_identity, batch_size=1, batch_format="pyarrow", num_cpus=1)
+    ds = ds.map_batches(
+        _Identity, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=PIPELINE_CPUS_PER_ACTOR
+    )
+    first, blocks = None, 0
+    for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        blocks += 1
+        first = first if first is not None else time.time() - started_at
+    wall = time.time() - started_at
+    ray.shutdown()
+    return {
+        "blocks": blocks,
+        "ray_ready_s": round(ready_s, 3),
+        "first_block_s": first,
+        "wall_s": round(wall, 3),
+    }
+
+
+def _identity(batch):
+    return batch
+
+
+class _Identity:
+    def __call__(self, batch):
+        return batch
+
+
+def measure_floor(runs: int = FLOOR_RUNS, blocks: int = FLOOR_BLOCKS) -> dict:
+    """The Ray + Ray Data floor: `runs` fresh `--floor` processes, each measured like a pipeline run (the whole
+    tree's CPU through a cgroup). Their figures and means."""
+    got = [
+        _in_fresh_process("--measure-floor", {"blocks": blocks}, "tree_cpu_s", "the Ray floor run")
+        for _ in range(runs)
+    ]
+    for g in got:
+        if g["run"]["blocks"] != blocks:
+            raise RuntimeError(f"the Ray floor run delivered {g['run']['blocks']} of {blocks} blocks: {g}")
+    return {
+        "runs": [{"tree_cpu_s": g["tree_cpu_s"], **g["run"]} for g in got],
+        "cpu_s": round(sum(g["tree_cpu_s"] for g in got) / runs, 2),
+        "first_block_s": round(sum(g["run"]["first_block_s"] for g in got) / runs, 2),
+    }
+
+
+def over_floor(fixed_cpu_s: float, first_block_s: float | None, floor: dict | None) -> dict:
+    """A run's start-up figures less the Ray + Ray Data floor: the pipeline's own share (None without a floor)."""
+    if not floor:
+        return {"fixed_over_floor_cpu_s": None, "first_block_over_floor_s": None}
+    return {
+        "fixed_over_floor_cpu_s": round(fixed_cpu_s - floor["cpu_s"], 2),
+        "first_block_over_floor_s": round(first_block_s - floor["first_block_s"], 2)
+        if first_block_s is not None
+        else None,
+    }
+
+
 def measure_model_cost(model: str, threads: int, segments: int = 96) -> dict:
     spec = {"model": model, "threads": threads, "segments": segments}
     return _in_fresh_process("--model-cost", spec, "cpu_s_per_audio_s", "the model cost run")
@@ -332,6 +415,7 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
     # the checkpoint as loaded on this node, so no run below pays the driver's build of it and the others not
     # (pipeline.models, check_only). Threads: the runs' actor's (PIPELINE_CPUS_PER_ACTOR); again if a run placed others.
     model_cpu = measure_model_cost(str(model), int(PIPELINE_CPUS_PER_ACTOR))
+    floor = measure_floor()
     for path in corpus:
         fmt = path.name.split("_")[0]
         stage = by_format[fmt]
@@ -351,6 +435,7 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
         slots = big["run"]["decode_slots"]
         capacity = slots / stage["cpu_s_per_audio_s"]["isolated"]
         steady = big["run"]["timings"].get("steady_audio_s_per_s")
+        first_block = big["run"]["timings"].get("first_output_s")
         rows.append(
             {
                 "format": fmt,
@@ -370,6 +455,7 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
                 "beside_model_over_limit": round(beside / limit, 3),
                 "fixed_cpu_s": round(fixed, 2),
                 "fixed_cpu_s_runs": [round(f, 2) for f in fixed_runs],
+                **over_floor(fixed, first_block, floor),
                 "decode_slots": slots,
                 "capacity_audio_s_per_s": round(capacity, 1),
                 "steady_audio_s_per_s": steady,
@@ -388,6 +474,8 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
         "fixed_cpu_s_max": max(r["fixed_cpu_s"] for r in judged),
         "steady_over_capacity_min": min(r["steady_over_capacity"] or 0.0 for r in judged),
         "first_output_s_max": max(r["start_up"]["first_output_s"] or 0.0 for r in rows),
+        "fixed_over_floor_cpu_s_max": max(r["fixed_over_floor_cpu_s"] for r in judged),
+        "first_block_over_floor_s_max": max(r["first_block_over_floor_s"] or 0.0 for r in rows),
     }
     goals["met"] = {
         "marginal": goals["marginal_over_limit_max"] <= GOAL_MARGINAL_OVER_LIMIT,
@@ -399,6 +487,7 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
         "files": [n, 3 * n],
         "model": str(model),
         "model_cost": model_cpu,
+        "floor": floor,
         "formats": rows,
         "goals": goals,
     }
@@ -407,22 +496,31 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
 def print_pipeline_section(section: dict) -> None:
     print(
         f"{'format':<6} {'limit x':>8} {'stage x':>8} {'pipeline x':>10} {'pipe/limit':>10} {'-model/limit':>12} "
-        f"{'fixed CPU s':>11} "
-        f"{'steady':>7} {'capacity':>9} {'st/cap':>7} {'first block s':>13}"
+        f"{'fixed CPU s':>11} {'-floor':>7} "
+        f"{'steady':>7} {'capacity':>9} {'st/cap':>7} {'first block s':>13} {'-floor':>7}"
     )
     for r in section["formats"]:
         print(
             f"{r['format']:<6} {r['limit_audio_s_per_cpu_s']:>8} {r['isolated_audio_s_per_cpu_s']:>8} "
             f"{r['marginal_audio_s_per_cpu_s']!s:>10} {r['marginal_over_limit']:>10} "
-            f"{r['beside_model_over_limit']:>12} {r['fixed_cpu_s']:>11} "
+            f"{r['beside_model_over_limit']:>12} {r['fixed_cpu_s']:>11} {r['fixed_over_floor_cpu_s']!s:>7} "
             f"{r['steady_audio_s_per_s']!s:>7} {r['capacity_audio_s_per_s']:>9} {r['steady_over_capacity']!s:>7} "
-            f"{r['start_up']['first_output_s']!s:>13}"
+            f"{r['start_up']['first_output_s']!s:>13} {r['first_block_over_floor_s']!s:>7}"
         )
     mc = section.get("model_cost") or {}
     if mc:
         print(
             f"the tiny model alone: {1000 * mc['cpu_s_per_audio_s']:.3f} CPU ms per audio s ({mc['threads']} torch "
             "thread(s), one process); -model/limit: the marginal less that, over the limit"
+        )
+    fl = section.get("floor")
+    if fl:
+        print(
+            f"the Ray + Ray Data floor ({len(fl['runs'])} runs: a local Ray, a task stage and a one-actor pool of "
+            f"identity functions, {fl['runs'][0]['blocks']} blocks): {fl['cpu_s']} CPU s, first block at "
+            f"{fl['first_block_s']} s (runs: "
+            + ", ".join(f"{r['tree_cpu_s']} CPU s / {r['first_block_s']:.2f} s" for r in fl["runs"])
+            + "); -floor: a run's figure less that"
         )
     froms = sorted({r["marginal_from"] for r in section["formats"]})
     print(
@@ -433,8 +531,9 @@ def print_pipeline_section(section: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--measure"]:  # the subreaper around one driver
-        cmd = [sys.executable, "-m", "benchmarks.pipeline_cost", "--driver", argv[1]]
+    if argv[:1] in (["--measure"], ["--measure-floor"]):  # the subreaper around one driver, or one floor run
+        inner = "--driver" if argv[0] == "--measure" else "--floor"
+        cmd = [sys.executable, "-m", "benchmarks.pipeline_cost", inner, argv[1]]
         samples: list[tuple[float, float]] = []
         cpu, out, err, rc = measure_tree(cmd, dict(os.environ), str(ROOT), samples=samples)
         sys.stderr.write(err[-6000:])
@@ -442,12 +541,16 @@ def main(argv: list[str]) -> int:
         if rc != 0 or not runs:
             return rc or 1
         result = json.loads(runs[-1])
-        try:  # no window without samples (no cgroup) or with fewer than two blocks: the whole runs' fit then
-            window = steady_window(samples, result["run"]) if samples else None
-        except ValueError as exc:
-            print(f"no steady window: {exc}", file=sys.stderr)
-            window = None
+        window = None
+        if inner == "--driver":
+            try:  # no window without samples (no cgroup) or with fewer than two blocks: the whole runs' fit
+                window = steady_window(samples, result["run"]) if samples else None
+            except ValueError as exc:
+                print(f"no steady window: {exc}", file=sys.stderr)
         print(json.dumps({"tree_cpu_s": round(cpu, 3), **result, "window": window}), flush=True)
+        return 0
+    if argv[:1] == ["--floor"]:
+        print(json.dumps({"run": floor_driver(json.loads(argv[1]))}), flush=True)
         return 0
     if argv[:1] == ["--model-cost"]:
         print(json.dumps(model_cost(json.loads(argv[1]))), flush=True)

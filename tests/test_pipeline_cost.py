@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.pipeline_cost import CpuGroup, cpu_at, fit, steady_marginal, steady_window
+from benchmarks.pipeline_cost import (
+    CpuGroup,
+    cpu_at,
+    fit,
+    measure_floor,
+    over_floor,
+    steady_marginal,
+    steady_window,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,3 +167,26 @@ def test_the_steady_marginal_comes_from_the_two_runs_windows():
         steady_window(
             s_small, {"started_at": 1000.0, "timings": {"first_output_s": 11.0, "last_output_s": 11.0}}
         )
+
+
+def test_a_runs_start_up_less_the_ray_floor():
+    floor = {"cpu_s": 9.0, "first_block_s": 6.0}
+    assert over_floor(21.5, 14.25, floor) == {
+        "fixed_over_floor_cpu_s": 12.5,
+        "first_block_over_floor_s": 8.25,
+    }
+    assert over_floor(21.5, None, floor)["first_block_over_floor_s"] is None  # a run that delivered nothing
+    assert over_floor(21.5, 14.25, None) == {"fixed_over_floor_cpu_s": None, "first_block_over_floor_s": None}
+
+
+def test_the_ray_floor_runs_a_real_two_stage_dataset_in_a_fresh_process():
+    """The floor subtracted from the start-up figures is a real local Ray and Ray Data run, measured like a
+    pipeline run: every block delivered, the whole tree's CPU counted, the first block after Ray was ready."""
+    got = measure_floor(runs=1, blocks=2)
+    (run,) = got["runs"]
+    assert run["blocks"] == 2
+    assert 0 < run["ray_ready_s"] < run["first_block_s"] <= run["wall_s"]
+    assert run["tree_cpu_s"] > 1.0  # Ray's daemons and workers, not the measuring process alone
+    assert got["cpu_s"] == round(run["tree_cpu_s"], 2) and got["first_block_s"] == round(
+        run["first_block_s"], 2
+    )
