@@ -23,9 +23,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ModelLoadError, redact
 from pipeline.registry import (
@@ -46,6 +44,10 @@ from pipeline.remote_code import (
     require_opt_in,
 )
 from pipeline.storage import canonical_uri, get_fs, scheme_of
+
+# torch is imported where a model is built or read: a driver whose model check is cached imports none
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -577,6 +579,37 @@ def read_model_config(
 # Building and loading
 
 
+def torch_build() -> dict[str, str | None]:
+    """torch's version with its build tag (2.11.0+cu130) and its CUDA version (None on a CPU build), as
+    `torch.__version__` and `torch.version.cuda` give them, without importing torch (about 2 CPU s) in a process
+    that has not: a driver whose model check is cached. Read from the literals of torch/version.py, the module
+    both come from; torch itself when it is imported already or the file does not read."""
+    import sys
+
+    if "torch" not in sys.modules:
+        import ast
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("torch")
+            where = Path(next(iter(spec.submodule_search_locations or []))) / "version.py"  # type: ignore[union-attr]
+            found: dict[str, str | None] = {}
+            for node in ast.parse(where.read_text()).body:
+                target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+                value = getattr(node, "value", None)
+                if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
+                    if value.value is None or isinstance(value.value, str):
+                        found[target.id] = value.value
+            version = found.get("__version__")
+            if version:
+                return {"torch": version, "cuda": found.get("cuda")}
+        except (AttributeError, OSError, StopIteration, SyntaxError, ValueError):
+            pass
+    import torch
+
+    return {"torch": str(torch.__version__), "cuda": torch.version.cuda}
+
+
 def ensure_cwd() -> None:
     """transformers resolves a relative path when it is first imported (`Path("src").resolve()`), which fails
     in a process whose current directory is gone: a Ray job's driver or worker after Ray replaced the job's
@@ -643,6 +676,8 @@ def weights_path(local_dir: str) -> str:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} state dict from safetensors, or from a .bin through torch.load(weights_only=True)."""
+    import torch
+
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -693,6 +728,8 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """Strict load: any missing or unexpected key, or a shape mismatch, is a ModelLoadError listing them."""
+    import torch
+
     state = adapt_state_dict(state, model)
     expected = model.state_dict()
     for k in OPTIONAL_KEYS:  # training-only; keep the files of exporters that drop (or add) it loadable
@@ -857,6 +894,8 @@ def load_model(
     }
     if check_only and _loaded_before(digest):
         return LoadedModel(spec=spec, model=None, **facts)
+    import torch
+
     model: Any = build_model(config, where)  # HubertModel / Data2VecAudioModel: submodules by name
     wpath = weights_path(local_dir)
     load_weights(model, read_state_dict(wpath), wpath)

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -138,6 +139,38 @@ def test_the_drivers_check_builds_a_checkpoint_once_per_node_and_again_when_it_c
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelLoadError):
         load_model(str(d), check_only=True)
+
+
+def test_a_cached_check_imports_no_torch_and_its_provenance_names_torchs_build(tmp_path, monkeypatch):
+    """The driver's check of a checkpoint this node has loaded strictly before, and the run's provenance, import
+    no torch (about 2 CPU s of every run's start); the versions it records are torch's own, build tag included."""
+    monkeypatch.setenv("MERT_PIPELINE_CACHE", str(tmp_path / "cache"))
+    d = write_random_checkpoint(tmp_path / "c", "MERT-v0", seed=1)
+    assert load_model(str(d), check_only=True).model is not None  # the first check builds, and marks it
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from pipeline.config import RunConfig
+        from pipeline.engine.plan import model_facts
+        from pipeline.engine.run import _versions
+        from pipeline.models import load_model
+        loaded = load_model({str(d)!r}, check_only=True)
+        facts = model_facts(RunConfig(input="in", output="out", model={str(d)!r}), loaded)
+        print(json.dumps({{"built": loaded.model is not None, "torch_imported": "torch" in sys.modules,
+                          "provenance": [facts.provenance["torch_version"], facts.provenance["cuda_version"]],
+                          "versions": _versions()["torch"]}}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {
+        "built": False,
+        "torch_imported": False,
+        "provenance": [str(torch.__version__), torch.version.cuda],
+        "versions": str(torch.__version__),
+    }
 
 
 def test_masked_spec_embed_is_optional(tmp_path):

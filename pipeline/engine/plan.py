@@ -71,7 +71,7 @@ def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
             f"window {seg.window_s:g} s is longer than {spec.name}'s context of {spec.context_s:g} s: give "
             f"--window {spec.context_s:g} or less"
         )
-    from pipeline.models import receptive_field
+    from pipeline.models import receptive_field, torch_build
 
     # samples at spec.sample_rate; a model with its own code: one frame's worth (its front end is its own)
     field = round(spec.sample_rate / spec.frame_rate) if loaded.remote else receptive_field(loaded.config)
@@ -94,8 +94,7 @@ def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
         "layers": list(layers),
     }
     config_hash = hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
-    import torch
-
+    build = torch_build()
     provenance = {
         "model": spec.name,
         "hub_id": spec.hub_id,
@@ -110,8 +109,8 @@ def model_facts(cfg: RunConfig, loaded) -> ModelFacts:
         "config_hash": config_hash,
         "pipeline_version": __version__,
         "table_schema_version": SCHEMA_VERSION,
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
+        "torch_version": build["torch"],
+        "cuda_version": build["cuda"],
         "python_version": platform.python_version(),
         "licence": loaded.licence,
         "layer_numbering": spec.layer_numbering,

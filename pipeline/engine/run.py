@@ -467,9 +467,9 @@ def _versions() -> dict:
     a Ray job's driver whose working directory Ray had replaced (see models.ensure_cwd), after the run's work."""
     from importlib.metadata import version
 
-    import torch  # already imported for the model check: its version carries the CUDA build (2.11.0+cu130)
+    from pipeline.models import torch_build  # torch's own version string: it carries the build (2.11.0+cu130)
 
     return {
-        "torch": torch.__version__,
+        "torch": torch_build()["torch"],
         **{name: version(name) for name in ("transformers", "ray", "pyarrow")},
     }
