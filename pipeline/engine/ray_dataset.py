@@ -173,55 +173,34 @@ DECODE_TASK_RETRIES = INPUT_CRASH_LIMIT + 1
 
 
 class Attempts:
-    """begin/end of each input's decode, counted by one small actor on the driver's node (it outlives the
-    workers that die). Passed to the decode stage, which knows nothing of Ray: see stages.decode_input."""
+    """begin/end of each input's decode, counted on the driver's node (it outlives the workers that die) by that
+    node's writer, in a thread of its own (ATTEMPTS_GROUP): a run starts no process for them, and a flush never
+    holds a decode task's begin back. Passed to the decode stage, which knows nothing of Ray: see
+    stages.decode_input."""
 
     def __init__(self, handle):
         self.handle = handle
 
     @classmethod
-    def start(cls, ray) -> Attempts:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        class _Counter:
-            def __init__(self):
-                self.open: dict[str, int] = {}
-
-            def begin(self, key: str) -> int:
-                n = self.open.get(key, 0)
-                self.open[key] = n + 1
-                return n
-
-            def end(self, key: str) -> None:
-                self.open.pop(key, None)
-
+    def on(cls, ray, pool: WriterPool) -> Attempts:
+        """The counts held by the writer on the driver's node."""
         here = ray.get_runtime_context().get_node_id()
-        handle = (
-            ray.remote(num_cpus=0, max_restarts=0)(_Counter)
-            .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
-            .remote()
-        )
-        return cls(handle)
+        if here not in pool.by_node:
+            raise PipelineError(f"no writer on the driver's node {here}: its attempts would not be counted")
+        return cls(pool.by_node[here])
 
     def begin(self, key: str) -> int:
         import ray
 
         try:
-            return int(ray.get(self.handle.begin.remote(key), timeout=60))
+            ref = self.handle.begin_attempt.options(concurrency_group=ATTEMPTS_GROUP).remote(key)
+            return int(ray.get(ref, timeout=60))
         except Exception:  # without the counter, Ray's own retry bound still holds
             return 0
 
     def end(self, key: str) -> None:
         try:
-            self.handle.end.remote(key)
-        except Exception:
-            pass
-
-    def close(self) -> None:
-        import ray
-
-        try:
-            ray.kill(self.handle)
+            self.handle.end_attempt.options(concurrency_group=ATTEMPTS_GROUP).remote(key)
         except Exception:
             pass
 
@@ -334,8 +313,13 @@ def build_dataset(
     return ds
 
 
+ATTEMPTS_GROUP = "attempts"  # the writers' concurrency group (one thread) for the attempt counts (Attempts)
+
+
 class _Writer:
-    """A FlushWriter in its own process on one node (see pipeline.table.writer)."""
+    """A FlushWriter in its own process on one node (see pipeline.table.writer). The one on the driver's node also
+    counts decode attempts (Attempts): `begin_attempt` / `end_attempt` run in ATTEMPTS_GROUP's thread, the only
+    one that touches the counts; the writing methods run in the default group's, one at a time."""
 
     def __init__(self, kwargs: dict):
         import socket
@@ -346,6 +330,15 @@ class _Writer:
 
         node = ray.get_runtime_context().get_node_id()
         self.w = FlushWriter(**kwargs, node_id=node, host=socket.gethostname())
+        self.open: dict[str, int] = {}  # tries of an input that began and never ended
+
+    def begin_attempt(self, key: str) -> int:
+        n = self.open.get(key, 0)
+        self.open[key] = n + 1
+        return n
+
+    def end_attempt(self, key: str) -> None:
+        self.open.pop(key, None)
 
     def add(self, block) -> None:
         self.w.add(block)
@@ -372,7 +365,9 @@ class WriterPool:
         self.ray = ray
         self.by_node: dict[str, Any] = {}
         self.lost: list[str] = []  # node ids whose writer died
-        cls = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1)(_Writer)
+        cls = ray.remote(
+            num_cpus=0, max_restarts=0, max_concurrency=1, concurrency_groups={ATTEMPTS_GROUP: 1}
+        )(_Writer)
         for node in ray.nodes():
             if not node.get("Alive"):
                 continue

@@ -175,8 +175,8 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
             placement = rd.place(cfg, ray, log)
             timings["ray_ready_s"] = round(time.time() - t0, 3)
             facts.provenance["device"] = rd.device_name(ray, placement)
-            attempts = rd.Attempts.start(ray)
             pool = rd.WriterPool(ray, _writer_kwargs(cfg, facts, run_id))
+            attempts = rd.Attempts.on(ray, pool)
             sink = rd.WriterSink(pool.by_node, by_recording=cfg.granularity == "recording")
             ds = rd.build_dataset(ray, cfg, facts, todo, placement, attempts, sink)
             first: list[dict] = []
@@ -322,8 +322,6 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
         with signals.hold():
             if beat is not None:
                 beat.close()
-            if attempts is not None:
-                attempts.close()
             if pool is not None:
                 summary["writers"] = _writer_stats(pool)
                 total = received["blocks_bytes"] + received["flush_descriptions_bytes"]
