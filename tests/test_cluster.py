@@ -445,3 +445,35 @@ def test_two_nodes_the_worker_node_writes_and_the_driver_gets_metadata_only(mode
         assert got["bytes_per_segment"] < 1000, got
     finally:
         cluster.shutdown()
+
+
+def test_without_an_address_a_run_starts_its_own_ray_even_beside_a_stale_ray_start_file():
+    """No --address and no RAY_ADDRESS: a new local Ray, as documented. Ray's own default would join the last
+    cluster `ray start` left on the machine (its temp dir's ray_current_cluster) and, when that cluster is gone
+    but its file is not (`ray start --block` ended by SIGINT leaves it), hang in the GCS client."""
+    import shutil
+    import socket
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]  # nothing listens here once the socket is closed
+        os.makedirs(os.path.join(tmp, "ray"))
+        Path(tmp, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{dead}")
+        code = (
+            "from pipeline.config import RunConfig\n"
+            "from pipeline.engine.ray_dataset import connect\n"
+            "ray = connect(RunConfig(input='in', output='out'), print)\n"
+            "print('nodes', len(ray.nodes()), ray.get_runtime_context().gcs_address)\n"
+            "ray.shutdown()\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env(RAY_TMPDIR=tmp), capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "nodes 1" in done.stdout
+        assert f":{dead}" not in done.stdout  # a cluster of its own, not the one in the file
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -64,7 +64,10 @@ class _QuietProgressWarning(logging.Filter):
 
 
 def connect(cfg: RunConfig, log: Log):
-    """Join the cluster (cfg.address or RAY_ADDRESS), or start a local Ray."""
+    """Join the cluster (cfg.address or RAY_ADDRESS), or start a local Ray: always a new one (address="local").
+    Ray's own default joins the last cluster `ray start` left on this machine (/tmp/ray/ray_current_cluster),
+    and hangs in its GCS client when that cluster is gone but the file is not (a `ray start --block` ended by
+    SIGINT leaves it)."""
     import ray
 
     if ray.is_initialized():
@@ -74,7 +77,7 @@ def connect(cfg: RunConfig, log: Log):
         if address:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         else:
-            ray.init(logging_level=logging.WARNING, include_dashboard=False)
+            ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False)
     except Exception as exc:  # systemic
         raise PipelineError(
             f"cannot start or join Ray ({address or 'local'}): {type(exc).__name__}: {exc}"
