@@ -21,11 +21,11 @@ of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU wou
             actor's torch threads): what the pipeline around the model costs
   fixed     CPU - marginal x audio, the mean over the two runs: what a run costs before and around the work
             (goal <= 10 CPU s);
-  floor     what Ray and Ray Data alone cost a run shaped like ours, measured the same way in the same command
+  floor     what Ray alone costs a run shaped like ours, measured the same way in the same command
             (FLOOR_RUNS fresh processes, `--floor`): a local Ray started with the run's own options
-            (engine.ray_dataset.connect), FLOOR_BLOCKS items through a task stage and a one-CPU one-actor pool of
-            identity functions, each block to the driver as it finishes, Ray shut down. Its tree CPU and the
-            time to its first block are what no change inside the pipeline can remove while it runs on Ray Data;
+            (engine.ray_wiring.connect), FLOOR_BLOCKS items through streaming-generator tasks and one one-CPU
+            actor, identity functions, each result to the driver as it finishes, Ray shut down. Its tree CPU and
+            the time to its first block are what no change inside the pipeline can remove while it runs on Ray;
             `fixed - floor` and `first block - floor` are the pipeline's own share of the start-up goals;
   steady    the 3N run's `timings.steady_audio_s_per_s` (first embedded block to last) against the CPU stage's
             capacity on the cores the pipeline gives decoding: decode slots (the cluster's CPUs minus what the
@@ -54,12 +54,12 @@ SAMPLE_S = 0.05  # how often the tree's CPU is read during a run (the steady win
 # channels wide. The tests' 32-wide front end costs ~4.4 CPU ms per audio s on the raw 24 kHz waveform, twice the
 # MP3 decode limit: the runs would measure the model. At 4 wide it is 0.5-0.7 (its share is reported beside).
 PIPELINE_CONV_DIM = 4
-# The embed actor reserves one core and runs one torch thread, as a GPU actor does (engine.ray_dataset.place). The
+# The embed actor reserves one core and runs one torch thread, as a GPU actor does (engine.ray_wiring.place). The
 # CPU default gives a lone CPU actor every core's thread, right for the real model (it costs ~100x the decode) but
 # here two torch threads on two cores spin against the decode slot: the actor's CPU in the steady window was
 # 1.70 ms per audio s at 2 threads and 0.90 at 1, at the same wall clock (24 MP3 files, 2026-12-03).
 PIPELINE_CPUS_PER_ACTOR = 1.0
-FLOOR_RUNS = 2  # fresh Ray + Ray Data floor processes per section (their mean is subtracted)
+FLOOR_RUNS = 2  # fresh Ray floor processes per section (their mean is subtracted)
 FLOOR_BLOCKS = 8  # items through the floor's two stages, one block each (a run of N files has N decode tasks)
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,7 +195,7 @@ def driver(spec: dict) -> dict:
     summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
     import ray
 
-    from pipeline.engine.ray_dataset import place
+    from pipeline.engine.ray_wiring import place
 
     placed = place(cfg, ray)  # what the run placed: the cores its embed actors reserve are not decoding's
     slots = int(ray.cluster_resources().get("CPU", 1) - placed.actors * placed.cpus_per_actor)
@@ -240,32 +240,26 @@ def model_cost(spec: dict) -> dict:
 
 
 def floor_driver(spec: dict) -> dict:
-    """Ray and Ray Data's own start, run and stop in this (fresh) process, shaped like a pipeline run: the run's
-    Ray options, its DataContext settings, `spec["blocks"]` items through a task stage (one CPU each) and an
-    actor pool of one one-CPU actor, both identity functions, each block taken at the driver as it finishes
-    (prefetch 0, as the run iterates). Times count from before Ray's import, as a run's count from run()'s start."""
+    """Ray's own start, run and stop in this (fresh) process, shaped like a pipeline run (engine.ray_wiring.Flow):
+    the run's Ray options, `spec["blocks"]` items through streaming-generator tasks (one CPU each, one at a time
+    as on 2 cores) and one one-CPU actor, both identity functions, each actor result taken at the driver as it
+    finishes. Times count from before Ray's import, as a run's count from run()'s start."""
     from pipeline.config import RunConfig
-    from pipeline.engine.ray_dataset import connect
+    from pipeline.engine.ray_wiring import connect
 
     started_at = time.time()
     connect(RunConfig(input="in", output="out"), log=lambda m: print(m, file=sys.stderr))
     ready_s = time.time() - started_at
     import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ds = ray.data.from_items([{"i": i} for i in range(spec["blocks"])], override_num_blocks=spec["blocks"])
-    ds = ds.map_batches(_identity, batch_size=1, batch_format="pyarrow", num_cpus=1)
-    ds = ds.map_batches(
-        _Identity, batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=PIPELINE_CPUS_PER_ACTOR
-    )
+    actor = ray.remote(num_cpus=PIPELINE_CPUS_PER_ACTOR)(_Identity).remote()
+    task = ray.remote(num_cpus=1, num_returns="streaming")(_identity_items)
     first, blocks = None, 0
-    for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        blocks += 1
-        first = first if first is not None else time.time() - started_at
+    for i in range(spec["blocks"]):
+        for ref in task.remote(i):
+            ray.get(actor.echo.remote(ref))
+            blocks += 1
+            first = first if first is not None else time.time() - started_at
     wall = time.time() - started_at
     ray.shutdown()
     return {
@@ -276,17 +270,19 @@ def floor_driver(spec: dict) -> dict:
     }
 
 
-def _identity(batch):
-    return batch
+def _identity_items(i: int):
+    import pyarrow as pa
+
+    yield pa.table({"i": [i]})
 
 
 class _Identity:
-    def __call__(self, batch):
+    def echo(self, batch):
         return batch
 
 
 def measure_floor(runs: int = FLOOR_RUNS, blocks: int = FLOOR_BLOCKS) -> dict:
-    """The Ray + Ray Data floor: `runs` fresh `--floor` processes, each measured like a pipeline run (the whole
+    """The Ray floor: `runs` fresh `--floor` processes, each measured like a pipeline run (the whole
     tree's CPU through a cgroup). Their figures and means."""
     got = [
         _in_fresh_process("--measure-floor", {"blocks": blocks}, "tree_cpu_s", "the Ray floor run")
@@ -303,7 +299,7 @@ def measure_floor(runs: int = FLOOR_RUNS, blocks: int = FLOOR_BLOCKS) -> dict:
 
 
 def over_floor(fixed_cpu_s: float, first_block_s: float | None, floor: dict | None) -> dict:
-    """A run's start-up figures less the Ray + Ray Data floor: the pipeline's own share (None without a floor)."""
+    """A run's start-up figures less the Ray floor: the pipeline's own share (None without a floor)."""
     if not floor:
         return {"fixed_over_floor_cpu_s": None, "first_block_over_floor_s": None}
     return {
@@ -516,7 +512,7 @@ def print_pipeline_section(section: dict) -> None:
     fl = section.get("floor")
     if fl:
         print(
-            f"the Ray + Ray Data floor ({len(fl['runs'])} runs: a local Ray, a task stage and a one-actor pool of "
+            f"the Ray floor ({len(fl['runs'])} runs: a local Ray, generator tasks and one actor of "
             f"identity functions, {fl['runs'][0]['blocks']} blocks): {fl['cpu_s']} CPU s, first block at "
             f"{fl['first_block_s']} s (runs: "
             + ", ".join(f"{r['tree_cpu_s']} CPU s / {r['first_block_s']:.2f} s" for r in fl["runs"])

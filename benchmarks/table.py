@@ -12,8 +12,8 @@ on the path, on the same venv:
           with random checkpoints of MERT-v1-95M's output shape (13 hidden states x 768) and cheap compute, two
           feed-forward widths (two pipeline rates, the same driver work per segment). In the driver process:
           CPU seconds (psutil, user + sys, around run(), and over the steady window from the first block to
-          the last) and bytes received from the cluster (the blocks `Dataset.iter_batches` yields, by
-          `nbytes`, plus the pickled size of every `ray.get` result the pipeline's own code asks for). The two
+          the last) and bytes received from the cluster (the blocks the run's loop takes in, by `nbytes`:
+          the old release's `Dataset.iter_batches`, this tree's `Flow`; plus the pickled size of every `ray.get` result the pipeline's own code asks for). The two
           steady windows give the driver's CPU per segment and per wall second (fit_driver_cpu).
   ingest  the driver's ceiling without Ray or a model. Before: the old `engine.Assembler` + `ShardWriter` fed
           embed-stage blocks (13 x 768 float32, 36 segments per recording) into a local table. After: what the
@@ -51,7 +51,7 @@ PARTS = ("driver", "ingest", "noop", "frame")
 LAYERS = 13  # MERT-v1-95M: the conv features' projection and 12 transformer layers
 DIM = 768
 SEGMENTS_PER_RECORDING = 36  # a 3-minute track in 5 s windows
-BLOCK_ROWS = 32  # rows per embed call: batch_size 8 x 4 (pipeline.engine.ray_dataset.build_dataset)
+BLOCK_ROWS = 32  # rows per embed call: batch_size 8 x 4 (pipeline.engine.ray_wiring.Flow)
 GPU_SEGMENTS_PER_S = 2800  # MERT-v1-95M bf16 on an H100-class card: ~14,000x real time / 5 s segments
 # Random MERT-v1-95M-shaped checkpoint with cheap compute: the real output (13 hidden states x 768), the tiny conv
 # front end (real strides and kernels, so real frame counts) and a 64-wide feed-forward.
@@ -154,9 +154,10 @@ def emit(result: dict) -> None:
 
 # ---- children: the driver in a real run ------------------------------------------------------------------------
 class DriverMeter:
-    """Bytes the driver process receives from the cluster: every block `Dataset.iter_batches` yields (`nbytes`)
-    and the pickled size of each `ray.get` result asked for by the pipeline's own code (writers' flush
-    descriptions, device name, ...; Ray Data's internal gets are the blocks already counted)."""
+    """Bytes the driver process receives from the cluster: every block the run's loop takes in (`nbytes`; the
+    previous release's `Dataset.iter_batches`, this tree's `engine.ray_wiring.Flow`) and the pickled size of each
+    other `ray.get` result asked for by the pipeline's own code (writers' flush descriptions, device name, ...;
+    the gets that fetch the blocks are the blocks already counted)."""
 
     def __init__(self) -> None:
         self.block_bytes = self.blocks = self.get_bytes = self.gets = 0
@@ -168,36 +169,59 @@ class DriverMeter:
         self.threads_first: dict[str, float] = {}
         self.threads_last: dict[str, float] = {}
 
+    def _take(self, batch) -> None:
+        self.blocks += 1
+        self.block_bytes += int(batch.nbytes)
+        cols = getattr(batch, "column_names", ())
+        if "segments" in cols:  # this tree: record rows and one summary row per block
+            self.segments += sum(int(x or 0) for x in batch.column("segments").to_pylist())
+        elif "record" in cols:  # the old release: a row per segment, plus record rows
+            self.segments += batch.column("record").null_count
+        if cols:
+            self.last = (cpu_s(), self.segments, time.perf_counter())
+            self.threads_last = thread_cpu()
+            if self.first is None:
+                self.first, self.threads_first = self.last, self.threads_last
+
     def install(self) -> None:
         import ray
-        import ray.data
 
-        meter, iter_batches, get = self, ray.data.Dataset.iter_batches, ray.get
+        meter, get = self, ray.get
+        try:
+            from pipeline.engine.ray_wiring import Flow
+        except ImportError:  # the previous release: blocks come through Ray Data
+            Flow = None
+        if Flow is not None:
+            flow_iter = Flow.__iter__
 
-        def counted_iter_batches(ds, *args, **kwargs):
-            for batch in iter_batches(ds, *args, **kwargs):
-                meter.blocks += 1
-                meter.block_bytes += int(batch.nbytes)
-                cols = getattr(batch, "column_names", ())
-                if "segments" in cols:  # this tree: record rows and one summary row per block
-                    meter.segments += sum(int(x or 0) for x in batch.column("segments").to_pylist())
-                elif "record" in cols:  # the old release: a row per segment, plus record rows
-                    meter.segments += batch.column("record").null_count
-                if cols:
-                    meter.last = (cpu_s(), meter.segments, time.perf_counter())
-                    meter.threads_last = thread_cpu()
-                    if meter.first is None:
-                        meter.first, meter.threads_first = meter.last, meter.threads_last
-                yield batch
+            def counted_flow(flow):
+                for batch in flow_iter(flow):
+                    meter._take(batch)
+                    yield batch
+
+            Flow.__iter__ = counted_flow  # type: ignore[method-assign]
+        else:
+            import ray.data
+
+            iter_batches = ray.data.Dataset.iter_batches
+
+            def counted_iter_batches(ds, *args, **kwargs):
+                for batch in iter_batches(ds, *args, **kwargs):
+                    meter._take(batch)
+                    yield batch
+
+            ray.data.Dataset.iter_batches = counted_iter_batches
 
         def counted_get(refs, *args, **kwargs):
             out = get(refs, *args, **kwargs)
-            if sys._getframe(1).f_globals.get("__name__", "").startswith("pipeline"):
+            caller = sys._getframe(1)
+            if caller.f_globals.get("__name__", "").startswith("pipeline") and not (
+                caller.f_code.co_name == "_result" and "Flow" in caller.f_code.co_qualname
+            ):
                 meter.gets += 1
                 meter.get_bytes += len(pickle.dumps(out))
             return out
 
-        ray.data.Dataset.iter_batches = counted_iter_batches
         ray.get = counted_get
 
     def steady(self) -> dict | None:
@@ -733,8 +757,8 @@ def part_driver(args, work: Path, release: Path) -> dict:
     """Each release on the same corpus at two pipeline rates (the same output shape, two feed-forward widths, so
     the driver's work per segment is the same and only the rate differs). Over each run's steady window (first
     block to last) the driver's CPU is fitted as a x wall + b x segments: b is what the driver spends per
-    segment, a what it spends per second whatever flows (Ray's threads and Ray Data's executor, which runs in
-    the driver)."""
+    segment, a what it spends per second whatever flows (Ray's threads, and in the old release Ray Data's executor,
+    which runs in the driver)."""
     models = {
         "fast": ensure_checkpoint("MERT-v1-95M-shape-cheap", DRIVER_MODEL),
         "slow": ensure_checkpoint("MERT-v1-95M-shape-slow", DRIVER_MODEL_SLOW),

@@ -198,18 +198,29 @@ def decode_input(
     yield _record_table(recording_id, record)
 
 
-def decode_batch(batch: pa.Table, **kwargs) -> Iterator[pa.Table]:
-    """Stage function: a batch of input rows (uri, recording_id, fingerprint, and optional fault_kind and
-    fault_message) -> decode tables (see decode_input)."""
-    for row in batch.to_pylist():
-        yield from decode_input(
-            row["uri"],
-            row["recording_id"],
-            row["fingerprint"],
-            fault_kind=row.get("fault_kind"),
-            fault_message=row.get("fault_message"),
-            **kwargs,
-        )
+def work_item(item) -> dict:
+    """What a decode task receives for one input (an inputs.InputItem): a plain dict. An item with a fault (a bad
+    manifest row, a symlink cycle) reaches the decode stage too: it becomes that input's error row there."""
+    return {
+        "uri": item.uri,
+        "recording_id": item.recording_id,
+        "fingerprint": item.fingerprint,
+        "fault_kind": item.fault_kind,
+        "fault_message": item.fault_message,
+    }
+
+
+def decode_item(item: dict, kwargs: dict) -> Iterator[pa.Table]:
+    """Stage function: one input (a dict of uri, recording_id, fingerprint, and optional fault_kind and
+    fault_message) -> its decode tables (see decode_input, which takes `kwargs`)."""
+    yield from decode_input(
+        item["uri"],
+        item["recording_id"],
+        item["fingerprint"],
+        fault_kind=item.get("fault_kind"),
+        fault_message=item.get("fault_message"),
+        **kwargs,
+    )
 
 
 class EmbedStage:
@@ -293,6 +304,10 @@ class EmbedStage:
             cols[layer_column(layer)] = self._arrow(vecs)
         out = pa.table(cols)
         return self.sink(out) if self.sink is not None else out
+
+    def embed_tables(self, *tables: pa.Table) -> pa.Table:
+        """One call over several decode tables (they share DECODE_SCHEMA): the engine sends a few at a time."""
+        return self(tables[0] if len(tables) == 1 else pa.concat_tables(tables))
 
     def _arrow(self, vecs: list) -> pa.Array:
         """Per-row arrays (D,) or (T, D), None for record rows -> a (list of) fixed_size_list column."""

@@ -329,7 +329,7 @@ def test_embed_actor_killed_midway_is_replaced_and_the_run_completes(model_dir, 
             found = []
             for p in psutil.Process(proc.pid).children(recursive=True):
                 try:
-                    if "MapWorker" in " ".join(p.cmdline()) and "EmbedStage" in " ".join(p.cmdline()):
+                    if "ray::EmbedStage" in " ".join(p.cmdline()):
                         found.append(p)
                 except psutil.Error:
                     pass
@@ -464,7 +464,7 @@ def test_without_an_address_a_run_starts_its_own_ray_even_beside_a_stale_ray_sta
         Path(tmp, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{dead}")
         code = (
             "from pipeline.config import RunConfig\n"
-            "from pipeline.engine.ray_dataset import connect\n"
+            "from pipeline.engine.ray_wiring import connect\n"
             "ray = connect(RunConfig(input='in', output='out'), print)\n"
             "print('nodes', len(ray.nodes()), ray.get_runtime_context().gcs_address)\n"
             "ray.shutdown()\n"

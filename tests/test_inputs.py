@@ -24,7 +24,7 @@ import pytest
 from pipeline.config import SegmentConfig
 from pipeline.errors import PipelineError
 from pipeline.inputs import InputItem, list_inputs, read_manifest
-from pipeline.stages import decode_batch, decode_input
+from pipeline.stages import decode_input, decode_item, work_item
 from pipeline.synth import music_like, write_audio
 
 RATE = 16000
@@ -320,31 +320,19 @@ def test_a_manifest_with_no_rows_or_no_valid_row_is_refused(tmp_path: Path, fmt:
     assert "row 1" in str(err.value) and "row 2" in str(err.value)
 
 
-def test_decode_batch_passes_the_fault_through(tmp_path: Path) -> None:
+def test_decode_item_passes_the_fault_through(tmp_path: Path) -> None:
     a = _wav(tmp_path / "a.wav")
     m = _manifest(
         tmp_path / "m", [{"uri": str(a), "recording_id": "x"}, {"uri": None, "recording_id": "y"}], "csv"
     )
-    items = read_manifest(str(m))
-    batch = pa.Table.from_pylist(
-        [
-            {
-                "uri": i.uri,
-                "recording_id": i.recording_id,
-                "fingerprint": i.fingerprint,
-                "fault_kind": i.fault_kind,
-                "fault_message": i.fault_message,
-            }
-            for i in items
-        ]
-    )
     import json
 
     records = {}
-    for t in decode_batch(batch, sample_rate=RATE, segments=SEGMENTS, isolate=False):
-        for r in t.to_pylist():
-            if r["record"] is not None:
-                records[r["recording_id"]] = json.loads(r["record"])
+    for item in read_manifest(str(m)):
+        for t in decode_item(work_item(item), {"sample_rate": RATE, "segments": SEGMENTS, "isolate": False}):
+            for r in t.to_pylist():
+                if r["record"] is not None:
+                    records[r["recording_id"]] = json.loads(r["record"])
     assert records["x"]["status"] == "ok"
     assert records["y"]["status"] == "error" and records["y"]["error_kind"] == "manifest"
     assert "row 2" in records["y"]["error_message"]

@@ -179,8 +179,8 @@ def test_a_runs_start_up_less_the_ray_floor():
     assert over_floor(21.5, 14.25, None) == {"fixed_over_floor_cpu_s": None, "first_block_over_floor_s": None}
 
 
-def test_the_ray_floor_runs_a_real_two_stage_dataset_in_a_fresh_process():
-    """The floor subtracted from the start-up figures is a real local Ray and Ray Data run, measured like a
+def test_the_ray_floor_runs_real_tasks_and_an_actor_in_a_fresh_process():
+    """The floor subtracted from the start-up figures is a real local Ray run, measured like a
     pipeline run: every block delivered, the whole tree's CPU counted, the first block after Ray was ready."""
     got = measure_floor(runs=1, blocks=2)
     (run,) = got["runs"]

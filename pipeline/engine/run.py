@@ -1,6 +1,6 @@
 """One run, orchestrated on the driver: plan, take the table, stream the dataset, commit metadata, summarize.
 
-list inputs -> minus the ledger -> Ray Data: decode tasks (CPU) -> embed actors (one replica per GPU, or CPU
+list inputs -> minus the ledger -> on Ray: decode tasks (CPU) -> embed actors (one replica per GPU, or CPU
 actors) -> a writer on each node that flushes the feature files. The driver receives record rows and flush
 descriptions only, and commits each recording once all its segments are durable (see assemble.py).
 """
@@ -125,7 +125,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
     }
     audio_s = 0.0
     received = {"blocks_bytes": 0, "flush_descriptions_bytes": 0, "segments": 0}  # what reached the driver
-    beat = attempts = pool = None
+    beat = attempts = pool = flow = None
     commits: list[int] = []
     batch = Batch(cfg.shard_max_recordings, cfg.commit_interval_s)
     assembler = Assembler()
@@ -168,7 +168,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
             f"table), model {facts.spec.name}, layers {list(facts.layers)}"
         )
         if todo:
-            from pipeline.engine import ray_dataset as rd
+            from pipeline.engine import ray_wiring as rd
 
             ray = rd.connect(cfg, log)
             signals.install()  # again: starting Ray's core worker puts its own (aborting) SIGTERM handler in place
@@ -178,7 +178,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
             pool = rd.WriterPool(ray, _writer_kwargs(cfg, facts, run_id))
             attempts = rd.Attempts.on(ray, pool)
             sink = rd.WriterSink(pool.by_node, by_recording=cfg.granularity == "recording")
-            ds = rd.build_dataset(ray, cfg, facts, todo, placement, attempts, sink)
+            flow = rd.Flow(ray, cfg, facts, todo, placement, attempts, sink)
             first: list[dict] = []
             sizes = {i.recording_id: i.size for i in todo}
             beat = Progress(
@@ -231,14 +231,10 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                     received["flush_descriptions_bytes"] += len(_dumps(meta_))
                     assembler.add_flush(meta_)
 
-            def stream(dataset) -> str | None:
-                """Iterate one dataset to its end (or a stop); returns a stop reason, if any."""
+            def stream(flow) -> str | None:
+                """Iterate one flow to its end (or a stop); returns a stop reason, if any."""
                 polled = time.monotonic()
-                # prefetch_batches=0: each block reaches the driver when its task finishes (Ray's prefetcher
-                # holds finished blocks back until it has more of them, which delays commits and progress).
-                for block in dataset.iter_batches(
-                    batch_size=None, batch_format="pyarrow", prefetch_batches=0
-                ):
+                for block in flow:
                     with signals.hold():  # a signal here waits for the block's commit, then ends the loop
                         seg_audio, seg_count = _block_counts(timings, block, t0)
                         beat.segments(seg_audio, seg_count)
@@ -260,7 +256,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                         return reason
                 return None
 
-            stop_reason = stream(ds)
+            stop_reason = stream(flow)
             with signals.hold():
                 collect(pool.finish())
                 stop_reason = stop_reason or settle(assembler.ready())
@@ -275,7 +271,8 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                 assembler.forget(lost)
                 again = [i for i in todo if i.recording_id in set(lost)]
                 sink = rd.WriterSink(pool.by_node, by_recording=cfg.granularity == "recording")
-                stop_reason = stream(rd.build_dataset(ray, cfg, facts, again, placement, attempts, sink))
+                flow = rd.Flow(ray, cfg, facts, again, placement, attempts, sink)
+                stop_reason = stream(flow)
                 with signals.hold():
                     collect(pool.finish())
             beat.close()
@@ -331,6 +328,8 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                     if received["segments"]
                     else None,
                 }
+                if flow is not None:
+                    flow.close()
                 pool.close()
                 _drop_uncommitted(table, assembler, batch)
             if commits and summary["status"] != "failed":

@@ -1,5 +1,5 @@
-"""The only library module that imports Ray: joining or starting a cluster, placing actors, the dataset
-(decode tasks -> embed actors -> the writers on each node) and the run's Ray metrics."""
+"""The only library module that imports Ray: joining or starting a cluster, placing actors, the flow of work
+(decode tasks -> embed actors -> the writers on each node, on Ray core) and the run's Ray metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,6 @@ from pipeline.config import RunConfig
 from pipeline.engine.plan import Log, ModelFacts, stderr_log
 from pipeline.errors import PipelineError
 from pipeline.inputs import InputItem
-from pipeline.stages import decode_batch
 
 
 class RayMetrics:
@@ -53,14 +53,6 @@ class RayMetrics:
     def rate(self, segments_per_s: float, audio_s_per_s: float) -> None:
         self._seg_rate.set(segments_per_s, tags=self.tags)
         self._audio_rate.set(audio_s_per_s, tags=self.tags)
-
-
-class _QuietProgressWarning(logging.Filter):
-    """Ray Data warns "Progress bars disabled" once per process when its own bars are off; the run has its own
-    progress (pipeline.progress), so the warning only confuses."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Progress bars disabled")
 
 
 def connect(cfg: RunConfig, log: Log):
@@ -208,112 +200,168 @@ class Attempts:
             pass
 
 
-def build_dataset(
-    ray,
-    cfg: RunConfig,
-    facts: ModelFacts,
-    todo: list[InputItem],
-    placement: Placement,
-    attempts: Attempts | None = None,
-    sink: WriterSink | None = None,
-):
-    import warnings
+EMBED_CALLS_AHEAD = (
+    2  # embed calls queued per actor: one running, one waiting, so an actor never waits on the driver
+)
+DECODE_TABLES_AHEAD = 2  # decode tables a decode task may have ready and unconsumed before it pauses
+CLOSE_WAIT_S = 60.0  # the longest a stopping flow waits for its queued embed calls
+WAIT_S = 1.0  # the longest the driver blocks in Ray between events (a signal is handled at the latest then)
 
-    import ray.data
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from pipeline.stages import EmbedStage
+class Flow:
+    """The run's work on Ray core: one decode task per input (a streaming generator of decode tables, on the CPU)
+    -> embed actors (one model replica each) -> the writer on their node (WriterSink). Iterating yields each
+    embed call's summary: record rows and segment counts, a few hundred bytes.
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    quiet = logging.getLogger("ray.data._internal.progress")
-    if not any(isinstance(f, _QuietProgressWarning) for f in quiet.filters):
-        quiet.addFilter(_QuietProgressWarning())
-    ctx.print_on_execution_start = False
-    seg = facts.segments
-    window_bytes = int(round(seg.window_s * facts.spec.sample_rate)) * 4  # one window of float32 audio
-    embed_rows = cfg.batch_size * 4
-    # Blocks of about one decode table, so decoded audio streams to the actors table by table (Ray's default
-    # 128 MiB blocks made a decode task of a long input hold ~23 minutes of audio before handing any of it on) ...
-    ctx.target_max_block_size = max(1 << 20, int(0.75 * DECODE_TABLE_SEGMENTS * window_bytes))
-    # ... and a bound on what waits in the object store: decoding outruns a CPU actor ~40x, and under Ray's default
-    # budget (half the object store) a 60-minute input queued all of its audio (~345 MB at 24 kHz), a catalog
-    # up to that budget. Room for 4 embed calls per actor, inputs and outputs, is plenty to keep actors fed.
-    out_row = (
-        len(facts.layers)
-        * facts.spec.dim
-        * 4
-        * (math.ceil(seg.window_s * facts.spec.frame_rate) if cfg.granularity == "frame" else 1)
-    )
-    ahead = max(256 << 20, placement.actors * 4 * embed_rows * (window_bytes + out_row))
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=ahead
-    )
-    # Ray 2.60 has no named parameter for max_restarts / max_task_retries / max_retries, and warns about the
-    # free-form remote args that carry them (announced for removal in 2.64). Bounded beats infinite: keep them.
-    warnings.filterwarnings(
-        "ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning
-    )
-    # An item with a fault (a bad manifest row, a symlink cycle) reaches the decode stage too: it becomes that
-    # input's error row there, like any other bad input.
-    items = [
-        {
-            "uri": i.uri,
-            "recording_id": i.recording_id,
-            "fingerprint": i.fingerprint,
-            "fault_kind": i.fault_kind,
-            "fault_message": i.fault_message,
-        }
-        for i in todo
-    ]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
-    ds = ds.map_batches(
-        decode_batch,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "sample_rate": facts.spec.sample_rate,
-            "segments": seg,
-            "segments_per_table": DECODE_TABLE_SEGMENTS,
-            "storage_options": cfg.in_options,
-            "time_limit_s": cfg.decode_timeout_s,
-            "attempts": attempts,
-            "crash_limit": INPUT_CRASH_LIMIT,
-        },
-        compute=TaskPoolStrategy(size=placement.decode_workers) if placement.decode_workers else None,
-        num_cpus=1,
-        # A task whose worker dies is retried a bounded number of times, not forever; the input it was reading
-        # when its worker died INPUT_CRASH_LIMIT times comes back as an error row (Attempts).
-        max_retries=DECODE_TASK_RETRIES,
-    )
-    ds = ds.map_batches(
-        EmbedStage,
-        fn_constructor_args=(cfg.model,),
-        fn_constructor_kwargs={
-            "storage_options": cfg.in_options,
-            "cache_dir": cfg.model_cache,
-            "layers": facts.layers,
-            "granularity": cfg.granularity,
-            "device": placement.device,
-            "compute_dtype": cfg.compute_dtype,
-            "storage_dtype": cfg.storage_dtype,
-            "normalize": facts.normalize,
-            "batch_size": cfg.batch_size,
-            "threads": placement.threads,
-            "trust_remote_code": cfg.trust_remote_code,
-            "expected_code_hash": facts.code_hash,  # each actor checks its staged code against the driver's
-            "sink": sink,  # the rows go to the node's writer; the driver gets records and counts
-        },
-        batch_size=embed_rows,  # room to group equal-length segments into full model batches
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=placement.actors),
-        num_gpus=placement.num_gpus or None,
-        num_cpus=placement.cpus_per_actor,
-        # No named parameters exist for these yet: bounded restarts and retries instead of Ray's infinite ones.
-        max_restarts=2,
-        max_task_retries=2,
-    )
-    return ds
+    The driver holds references only: each decode table goes from the task's node to an actor's node without
+    passing through the driver (fetch_local=False), a few decode tables per embed call (about batch_size x 4
+    segments). What waits anywhere stays bounded: a decode task pauses with DECODE_TABLES_AHEAD tables unconsumed,
+    the driver consumes only while fewer than two calls' worth per actor wait to be sent, and each actor has at
+    most EMBED_CALLS_AHEAD calls queued. The driver blocks in ray.wait between events; it never polls.
+
+    Faults: a decode task whose worker dies is retried (DECODE_TASK_RETRIES; a streaming generator's retry skips
+    the tables already consumed), and the input it was reading becomes an error row after INPUT_CRASH_LIMIT
+    deaths (Attempts). An embed actor that dies is restarted twice, its queued calls retried on the new one."""
+
+    def __init__(
+        self,
+        ray,
+        cfg: RunConfig,
+        facts: ModelFacts,
+        todo: list[InputItem],
+        placement: Placement,
+        attempts: Attempts | None = None,
+        sink: WriterSink | None = None,
+    ):
+        from pipeline.stages import EmbedStage, decode_item, work_item
+
+        self.ray = ray
+        self.todo = deque(work_item(i) for i in todo)
+        self.tables_per_call = max(1, (cfg.batch_size * 4) // DECODE_TABLE_SEGMENTS)
+        free = float(ray.cluster_resources().get("CPU", 1)) - placement.actors * placement.cpus_per_actor
+        self.slots = placement.decode_workers or max(1, int(free))
+        self.backlog = 2 * self.tables_per_call * placement.actors
+        self._decode = ray.remote(
+            num_cpus=1,
+            max_retries=DECODE_TASK_RETRIES,
+            num_returns="streaming",
+            _generator_backpressure_num_objects=DECODE_TABLES_AHEAD,
+        )(decode_item)
+        self._decode_kwargs = ray.put(
+            {
+                "sample_rate": facts.spec.sample_rate,
+                "segments": facts.segments,
+                "segments_per_table": DECODE_TABLE_SEGMENTS,
+                "storage_options": cfg.in_options,
+                "time_limit_s": cfg.decode_timeout_s,
+                "attempts": attempts,
+                "crash_limit": INPUT_CRASH_LIMIT,
+            }
+        )
+        actor = ray.remote(
+            num_cpus=placement.cpus_per_actor,
+            num_gpus=placement.num_gpus or None,
+            max_restarts=2,
+            max_task_retries=2,
+            max_concurrency=1,
+        )(EmbedStage)
+        # Created first: each replica loads its model while the first inputs decode.
+        self.actors = [
+            actor.remote(
+                cfg.model,
+                storage_options=cfg.in_options,
+                cache_dir=cfg.model_cache,
+                layers=facts.layers,
+                granularity=cfg.granularity,
+                device=placement.device,
+                compute_dtype=cfg.compute_dtype,
+                storage_dtype=cfg.storage_dtype,
+                normalize=facts.normalize,
+                batch_size=cfg.batch_size,
+                threads=placement.threads,
+                trust_remote_code=cfg.trust_remote_code,
+                expected_code_hash=facts.code_hash,  # each actor checks its staged code against the driver's
+                sink=sink,  # the rows go to the node's writer; the driver gets records and counts
+            )
+            for _ in range(placement.actors)
+        ]
+        self.tasks: list = []  # decode generators still running
+        self.pending: deque = deque()  # decode tables consumed from the tasks, not yet sent to an actor
+        self.calls: dict = {}  # embed call -> its actor's index
+        self.load = [0] * len(self.actors)  # calls queued per actor
+
+    def __iter__(self):
+        ray = self.ray
+        try:
+            while True:
+                while self.todo and len(self.tasks) < self.slots:
+                    self.tasks.append(self._decode.remote(self.todo.popleft(), self._decode_kwargs))
+                self._send()
+                if not (self.tasks or self.pending or self.calls):
+                    return
+                waiting = list(self.calls) + (self.tasks if len(self.pending) < self.backlog else [])
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=WAIT_S, fetch_local=False)
+                for ref in ready:
+                    if isinstance(ref, ray.ObjectRefGenerator):
+                        try:
+                            self.pending.append(next(ref))
+                        except StopIteration:
+                            self.tasks.remove(ref)
+                    else:
+                        self.load[self.calls.pop(ref)] -= 1
+                        yield self._result(ref)
+        finally:
+            self.close()
+
+    def _send(self) -> None:
+        """Embed calls for what waits: a full call to the least loaded actor while it has room; a partial one
+        only to an idle actor, or when no more input is coming."""
+        more = bool(self.tasks or self.todo)
+        while self.pending:
+            k = min(range(len(self.actors)), key=self.load.__getitem__)
+            if self.load[k] >= EMBED_CALLS_AHEAD:
+                return
+            if len(self.pending) < self.tables_per_call and self.load[k] > 0 and more:
+                return
+            n = min(self.tables_per_call, len(self.pending))
+            ref = self.actors[k].embed_tables.remote(*(self.pending.popleft() for _ in range(n)))
+            self.calls[ref] = k
+            self.load[k] += 1
+
+    def _result(self, ref):
+        from ray.exceptions import RayError
+
+        try:
+            return self.ray.get(ref)
+        except RayError as exc:
+            raise PipelineError(f"the embed stage failed: {type(exc).__name__}: {_last_line(exc)}") from None
+
+    def close(self) -> None:
+        """Let the queued embed calls end (at most CLOSE_WAIT_S), end the actors, then cancel the decode tasks
+        still running (idempotent). In that order: a call cut by its actor's end or by a cancelled decode table
+        fails, and Ray retries it and says so on the driver's stdout, where `--json` prints the summary. What
+        those calls write is never committed (the run drops uncommitted flushes)."""
+        if self.calls:
+            self.ray.wait(
+                list(self.calls), num_returns=len(self.calls), timeout=CLOSE_WAIT_S, fetch_local=False
+            )
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:
+                pass
+        for task in self.tasks:
+            try:
+                self.ray.cancel(task)
+            except Exception:
+                pass
+        self.tasks, self.actors, self.calls = [], [], {}
+        self.pending.clear()
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 ATTEMPTS_GROUP = "attempts"  # the writers' concurrency group (one thread) for the attempt counts (Attempts)
