@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -206,6 +207,44 @@ EMBED_CALLS_AHEAD = (
 DECODE_TABLES_AHEAD = 2  # decode tables a decode task may have ready and unconsumed before it pauses
 CLOSE_WAIT_S = 60.0  # the longest a stopping flow waits for its queued embed calls
 WAIT_S = 1.0  # the longest the driver blocks in Ray between events (a signal is handled at the latest then)
+# A stall: embed calls are queued, none has ended for this long (and for three times the longest wait between two
+# ends so far), and the cluster has no CPU free. Then the decode tasks are drained past the backlog: each paused
+# one holds a CPU that a restarting actor, or a decode task Ray re-runs to rebuild a table lost with its node,
+# needs to make progress (seen: a worker node died, the one decode task left was paused, the embed call waited
+# for the lost table, and the table's re-run waited for the paused task's CPU, forever).
+STALL_MIN_S = 10.0
+STALL_FIRST_S = 600.0  # before the first call ends (the replicas may still be loading their model)
+
+
+class StallWatch:
+    """When embed calls wait and have made no progress for long (see STALL_MIN_S), and no CPU is free:
+    `stalled()` says so, asked only while calls are queued and decode tasks run. `cpus_free` is asked only
+    once the quiet time has passed its limit."""
+
+    def __init__(self, cpus_free, clock=time.monotonic):
+        self.cpus_free, self.clock = cpus_free, clock
+        self.started = clock()
+        self.last_end: float | None = None  # when an embed call last ended
+        self.longest_gap = 0.0  # the longest wait between two ends, stalls left out
+        self.stalls = 0  # stalls seen
+        self.in_stall = False  # since the last call ended
+
+    def ended(self) -> None:
+        now = self.clock()
+        if self.last_end is not None and not self.in_stall:  # a stall's wait is no call's
+            self.longest_gap = max(self.longest_gap, now - self.last_end)
+        self.last_end, self.in_stall = now, False
+
+    def stalled(self) -> bool:
+        if self.last_end is None:
+            quiet, limit = self.clock() - self.started, STALL_FIRST_S
+        else:
+            quiet, limit = self.clock() - self.last_end, max(STALL_MIN_S, 3 * self.longest_gap)
+        if quiet < limit or self.cpus_free() >= 1.0:
+            return False
+        self.stalls += not self.in_stall
+        self.in_stall = True
+        return True
 
 
 class Flow:
@@ -217,7 +256,8 @@ class Flow:
     passing through the driver (fetch_local=False), a few decode tables per embed call (about batch_size x 4
     segments). What waits anywhere stays bounded: a decode task pauses with DECODE_TABLES_AHEAD tables unconsumed,
     the driver consumes only while fewer than two calls' worth per actor wait to be sent, and each actor has at
-    most EMBED_CALLS_AHEAD calls queued. The driver blocks in ray.wait between events; it never polls.
+    most EMBED_CALLS_AHEAD calls queued. The driver blocks in ray.wait between events; it never polls. In a stall
+    (StallWatch) the driver drains the decode tasks past that bound, so that their CPUs go to what the calls wait on.
 
     Faults: a decode task whose worker dies is retried (DECODE_TASK_RETRIES; a streaming generator's retry skips
     the tables already consumed), and the input it was reading becomes an error row after INPUT_CRASH_LIMIT
@@ -289,6 +329,7 @@ class Flow:
         self.pending: deque = deque()  # decode tables consumed from the tasks, not yet sent to an actor
         self.calls: dict = {}  # embed call -> its actor's index
         self.load = [0] * len(self.actors)  # calls queued per actor
+        self.watch = StallWatch(lambda: float(ray.available_resources().get("CPU", 0.0)))
 
     def __iter__(self):
         ray = self.ray
@@ -299,7 +340,10 @@ class Flow:
                 self._send()
                 if not (self.tasks or self.pending or self.calls):
                     return
-                waiting = list(self.calls) + (self.tasks if len(self.pending) < self.backlog else [])
+                drain = len(self.pending) < self.backlog or (
+                    bool(self.calls and self.tasks) and self.watch.stalled()
+                )
+                waiting = list(self.calls) + (self.tasks if drain else [])
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=WAIT_S, fetch_local=False)
                 for ref in ready:
                     if isinstance(ref, ray.ObjectRefGenerator):
@@ -309,6 +353,7 @@ class Flow:
                             self.tasks.remove(ref)
                     else:
                         self.load[self.calls.pop(ref)] -= 1
+                        self.watch.ended()
                         yield self._result(ref)
         finally:
             self.close()
@@ -416,15 +461,19 @@ class WriterPool:
         self.ray = ray
         self.by_node: dict[str, Any] = {}
         self.lost: list[str] = []  # node ids whose writer died
+        self.names: dict[str, str] = {}  # node id -> its writer's actor name (see WriterSink)
         cls = ray.remote(
             num_cpus=0, max_restarts=0, max_concurrency=1, concurrency_groups={ATTEMPTS_GROUP: 1}
         )(_Writer)
+        token = uuid.uuid4().hex[:12]
         for node in ray.nodes():
             if not node.get("Alive"):
                 continue
             nid = node["NodeID"]
+            self.names[nid] = f"mert-writer-{token}-{nid[:16]}"
             self.by_node[nid] = cls.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nid, soft=False)
+                name=self.names[nid],
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=nid, soft=False),
             ).remote(writer_kwargs)
         if not self.by_node:
             raise PipelineError("no alive Ray node to write the feature files on")
@@ -444,6 +493,7 @@ class WriterPool:
             except RayActorError:
                 self.lost.append(nid)
                 self.by_node.pop(nid, None)
+                self.names.pop(nid, None)
         if not self.by_node:
             raise PipelineError(
                 "every writer was lost with its node: no node is left to write the features on"
@@ -475,10 +525,32 @@ class WriterSink:
     Segment and frame rows go to the writer on the actor's own node; at recording granularity each recording's
     rows go to one writer chosen by its id (its mean needs all of them). A writer whose node died is dropped
     and its share goes to the others; what it had buffered is lost, and the driver embeds those recordings
-    again."""
+    again.
 
-    def __init__(self, by_node: dict, by_recording: bool):
-        self.by_node, self.by_recording = dict(by_node), by_recording
+    It holds the writers' actor names, not their handles, and looks them up in the actor that calls it: an actor
+    constructor argument that holds a handle lives in the object store, and Ray warns on every restartable
+    actor that has one (ray-project/ray#53727)."""
+
+    def __init__(self, names: dict[str, str], by_recording: bool):
+        self.names, self.by_recording = dict(names), by_recording
+        self._by_node: dict[str, Any] | None = None
+
+    @property
+    def by_node(self) -> dict[str, Any]:
+        if self._by_node is None:
+            import ray
+            from ray.exceptions import RayError
+
+            self._by_node = {}
+            for nid, name in self.names.items():
+                try:
+                    self._by_node[nid] = ray.get_actor(name)
+                except (ValueError, RayError):  # that writer is gone with its node
+                    pass
+        return self._by_node
+
+    def __getstate__(self) -> dict:
+        return {"names": self.names, "by_recording": self.by_recording, "_by_node": None}
 
     def _route(self, out, here: str) -> list[tuple[str, Any, Any]]:
         import zlib

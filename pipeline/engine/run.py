@@ -177,7 +177,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
             facts.provenance["device"] = rd.device_name(ray, placement)
             pool = rd.WriterPool(ray, _writer_kwargs(cfg, facts, run_id))
             attempts = rd.Attempts.on(ray, pool)
-            sink = rd.WriterSink(pool.by_node, by_recording=cfg.granularity == "recording")
+            sink = rd.WriterSink(pool.names, by_recording=cfg.granularity == "recording")
             flow = rd.Flow(ray, cfg, facts, todo, placement, attempts, sink)
             first: list[dict] = []
             sizes = {i.recording_id: i.size for i in todo}
@@ -270,7 +270,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                 summary["re_embedded_after_writer_loss"] = len(lost)
                 assembler.forget(lost)
                 again = [i for i in todo if i.recording_id in set(lost)]
-                sink = rd.WriterSink(pool.by_node, by_recording=cfg.granularity == "recording")
+                sink = rd.WriterSink(pool.names, by_recording=cfg.granularity == "recording")
                 flow = rd.Flow(ray, cfg, facts, again, placement, attempts, sink)
                 stop_reason = stream(flow)
                 with signals.hold():
