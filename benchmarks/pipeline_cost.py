@@ -23,8 +23,8 @@ of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU wou
             (goal <= 10 CPU s);
   floor     what Ray alone costs a run shaped like ours, measured the same way in the same command
             (FLOOR_RUNS fresh processes, `--floor`): a local Ray started with the run's own options
-            (engine.ray_wiring.connect), FLOOR_BLOCKS items through streaming-generator tasks and one one-CPU
-            actor, identity functions, each result to the driver as it finishes, Ray shut down. Its tree CPU and
+            (engine.ray_wiring.connect), FLOOR_BLOCKS items through tasks that each pass theirs to one one-CPU
+            actor, identity functions, each task's result to the driver as it finishes, Ray shut down. Its tree CPU and
             the time to its first block are what no change inside the pipeline can remove while it runs on Ray;
             `fixed - floor` and `first block - floor` are the pipeline's own share of the start-up goals;
   steady    the 3N run's `timings.steady_audio_s_per_s` (first embedded block to last) against the CPU stage's
@@ -241,9 +241,9 @@ def model_cost(spec: dict) -> dict:
 
 def floor_driver(spec: dict) -> dict:
     """Ray's own start, run and stop in this (fresh) process, shaped like a pipeline run (engine.ray_wiring.Flow):
-    the run's Ray options, `spec["blocks"]` items through streaming-generator tasks (one CPU each, one at a time
-    as on 2 cores) and one one-CPU actor, both identity functions, each actor result taken at the driver as it
-    finishes. Times count from before Ray's import, as a run's count from run()'s start."""
+    the run's Ray options, `spec["blocks"]` items through tasks (one CPU each, one at a time as on 2 cores) that
+    each pass theirs to one one-CPU actor and return its answer, both identity functions, each task's result taken
+    at the driver as it finishes. Times count from before Ray's import, as a run's count from run()'s start."""
     from pipeline.config import RunConfig
     from pipeline.engine.ray_wiring import connect
 
@@ -253,13 +253,12 @@ def floor_driver(spec: dict) -> dict:
     import ray
 
     actor = ray.remote(num_cpus=PIPELINE_CPUS_PER_ACTOR)(_Identity).remote()
-    task = ray.remote(num_cpus=1, num_returns="streaming")(_identity_items)
+    task = ray.remote(num_cpus=1)(_through_actor)
     first, blocks = None, 0
     for i in range(spec["blocks"]):
-        for ref in task.remote(i):
-            ray.get(actor.echo.remote(ref))
-            blocks += 1
-            first = first if first is not None else time.time() - started_at
+        ray.get(task.remote(i, actor))
+        blocks += 1
+        first = first if first is not None else time.time() - started_at
     wall = time.time() - started_at
     ray.shutdown()
     return {
@@ -270,10 +269,11 @@ def floor_driver(spec: dict) -> dict:
     }
 
 
-def _identity_items(i: int):
+def _through_actor(i: int, actor):
     import pyarrow as pa
+    import ray
 
-    yield pa.table({"i": [i]})
+    return ray.get(actor.echo.remote(pa.table({"i": [i]})))
 
 
 class _Identity:

@@ -51,7 +51,7 @@ PARTS = ("driver", "ingest", "noop", "frame")
 LAYERS = 13  # MERT-v1-95M: the conv features' projection and 12 transformer layers
 DIM = 768
 SEGMENTS_PER_RECORDING = 36  # a 3-minute track in 5 s windows
-BLOCK_ROWS = 32  # rows per embed call: batch_size 8 x 4 (pipeline.engine.ray_wiring.Flow)
+BLOCK_ROWS = 32  # rows per embed-stage block in the previous release (batch_size 8 x 4)
 GPU_SEGMENTS_PER_S = 2800  # MERT-v1-95M bf16 on an H100-class card: ~14,000x real time / 5 s segments
 # Random MERT-v1-95M-shaped checkpoint with cheap compute: the real output (13 hidden states x 768), the tiny conv
 # front end (real strides and kernels, so real frame counts) and a 64-wide feed-forward.
@@ -351,8 +351,9 @@ def flush_template(root: str) -> tuple[dict, int]:
 
 
 def child_ingest_new(spec: dict) -> dict:
-    """The new driver side per block: record rows into the Assembler, the writers' flush descriptions as they
-    flush at target_bytes, ready recordings into Batch, FeatureTable.commit when due (engine.run's loop)."""
+    """The new driver side per input: its summary (record row and counts, as ray_wiring.decode_and_embed returns
+    it) into the Assembler, the writers' flush descriptions as they flush at target_bytes, ready recordings into
+    Batch, FeatureTable.commit when due (engine.run's loop)."""
     from pipeline.engine.assemble import Assembler, Batch
     from pipeline.engine.run import _block_counts
     from pipeline.table import FeatureTable
@@ -379,8 +380,8 @@ def child_ingest_new(spec: dict) -> dict:
     )  # what FlushWriter counts against target_bytes, per segment row
     rows_per_flush = -(-target // row_nbytes)
 
-    # What the driver will receive, made before the clock starts: the sink's block per embed call (record rows
-    # and one summary row) and, after the block that fills a writer's buffer, that flush's description.
+    # What the driver will receive, made before the clock starts: one summary per input (its record row and one
+    # counts row) and, after the input that fills a writer's buffer, that flush's description.
     sink_blocks, flushes_after = [], []
     buffered: dict[str, list[int]] = {}
     nrows = seq = 0
@@ -408,7 +409,7 @@ def child_ingest_new(spec: dict) -> dict:
         buffered, nrows, seq = {}, 0, seq + 1
         return meta
 
-    for part, done in layout(spec["recordings"]):
+    for part, done in layout(spec["recordings"], rows=SEGMENTS_PER_RECORDING):
         recs = [json.dumps(record(rid, SEGMENTS_PER_RECORDING)) for rid in done]
         sink_blocks.append(
             pa.table(

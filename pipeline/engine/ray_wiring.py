@@ -161,7 +161,7 @@ def device_name(ray, placement: Placement) -> str:
         return "cuda (unknown)"
 
 
-DECODE_TABLE_SEGMENTS = 8  # segments per table a decode task yields (stages.decode_input)
+DECODE_TABLE_SEGMENTS = 8  # the fewest segments per table a decode task makes (stages.decode_input)
 # An input under which the worker process died this many times becomes an `error` row (worker_crash). A decode
 # task is tried one more time than that, plus one spare for a node that dies under an innocent input.
 INPUT_CRASH_LIMIT = 2
@@ -201,67 +201,59 @@ class Attempts:
             pass
 
 
-EMBED_CALLS_AHEAD = (
-    2  # embed calls queued per actor: one running, one waiting, so an actor never waits on the driver
+CALLS_AHEAD = 2  # embed calls a decode task keeps queued at its actor: one running, one waiting
+CLOSE_WAIT_S = (
+    10.0  # the longest a stopping flow waits for its cancelled decode tasks before ending the actors
 )
-DECODE_TABLES_AHEAD = 2  # decode tables a decode task may have ready and unconsumed before it pauses
-CLOSE_WAIT_S = 60.0  # the longest a stopping flow waits for its queued embed calls
 WAIT_S = 1.0  # the longest the driver blocks in Ray between events (a signal is handled at the latest then)
-# A stall: embed calls are queued, none has ended for this long (and for three times the longest wait between two
-# ends so far), and the cluster has no CPU free. Then the decode tasks are drained past the backlog: each paused
-# one holds a CPU that a restarting actor, or a decode task Ray re-runs to rebuild a table lost with its node,
-# needs to make progress (seen: a worker node died, the one decode task left was paused, the embed call waited
-# for the lost table, and the table's re-run waited for the paused task's CPU, forever).
-STALL_MIN_S = 10.0
-STALL_FIRST_S = 600.0  # before the first call ends (the replicas may still be loading their model)
 
 
-class StallWatch:
-    """When embed calls wait and have made no progress for long (see STALL_MIN_S), and no CPU is free:
-    `stalled()` says so, asked only while calls are queued and decode tasks run. `cpus_free` is asked only
-    once the quiet time has passed its limit."""
+def decode_and_embed(item: dict, kwargs: dict, actor) -> Any:
+    """A decode task: one input's decode tables (stages.decode_item), each sent to `actor` as soon as it is made,
+    so that no table passes through the driver or is owned by it. At most CALLS_AHEAD calls wait at the actor;
+    then the task blocks on the oldest, and Ray lends its CPU to others while it waits (a restarting actor, a task
+    re-run to rebuild what a dead node lost). The input's record table goes in one call with its last segments.
 
-    def __init__(self, cpus_free, clock=time.monotonic):
-        self.cpus_free, self.clock = cpus_free, clock
-        self.started = clock()
-        self.last_end: float | None = None  # when an embed call last ended
-        self.longest_gap = 0.0  # the longest wait between two ends, stalls left out
-        self.stalls = 0  # stalls seen
-        self.in_stall = False  # since the last call ended
+    Returns the input's summary (WriterSink.merge): its record row and its segment counts, a few hundred bytes
+    whatever the input's length. A retry (the worker died) decodes and sends the input again; the writers and the
+    assembler drop the copies (FlushWriter.add, engine.assemble)."""
+    import ray
 
-    def ended(self) -> None:
-        now = self.clock()
-        if self.last_end is not None and not self.in_stall:  # a stall's wait is no call's
-            self.longest_gap = max(self.longest_gap, now - self.last_end)
-        self.last_end, self.in_stall = now, False
+    from pipeline.stages import decode_item
 
-    def stalled(self) -> bool:
-        if self.last_end is None:
-            quiet, limit = self.clock() - self.started, STALL_FIRST_S
+    calls: deque = deque()
+    outs = []
+    held = None  # the newest segment table, held back so that the record table can go with it
+    for table in decode_item(item, kwargs):
+        if table.column("record").null_count < table.num_rows:  # the record table, always the last
+            calls.append(actor.embed_tables.remote(*([] if held is None else [held]), table))
+            held = None
         else:
-            quiet, limit = self.clock() - self.last_end, max(STALL_MIN_S, 3 * self.longest_gap)
-        if quiet < limit or self.cpus_free() >= 1.0:
-            return False
-        self.stalls += not self.in_stall
-        self.in_stall = True
-        return True
+            if held is not None:
+                calls.append(actor.embed_tables.remote(held))
+            held = table
+        while len(calls) > CALLS_AHEAD:
+            outs.append(ray.get(calls.popleft()))
+    if held is not None:
+        calls.append(actor.embed_tables.remote(held))
+    outs.extend(ray.get(list(calls)))
+    return WriterSink.merge(outs)
 
 
 class Flow:
-    """The run's work on Ray core: one decode task per input (a streaming generator of decode tables, on the CPU)
-    -> embed actors (one model replica each) -> the writer on their node (WriterSink). Iterating yields each
-    embed call's summary: record rows and segment counts, a few hundred bytes.
+    """The run's work on Ray core: one decode task per input (decode_and_embed, on the CPU), which sends its decode
+    tables to the embed actor it is given (one model replica each), which hands the rows to the writer on its node
+    (WriterSink). Iterating yields each input's summary as its task ends: its record row and segment counts, a few
+    hundred bytes.
 
-    The driver holds references only: each decode table goes from the task's node to an actor's node without
-    passing through the driver (fetch_local=False), a few decode tables per embed call (about batch_size x 4
-    segments). What waits anywhere stays bounded: a decode task pauses with DECODE_TABLES_AHEAD tables unconsumed,
-    the driver consumes only while fewer than two calls' worth per actor wait to be sent, and each actor has at
-    most EMBED_CALLS_AHEAD calls queued. The driver blocks in ray.wait between events; it never polls. In a stall
-    (StallWatch) the driver drains the decode tasks past that bound, so that their CPUs go to what the calls wait on.
+    The driver's work grows with inputs, not segments: it starts a task per input, assigns it the actor with the
+    fewest tasks, and takes its summary; it never owns or sees a decode table. What waits anywhere stays bounded:
+    at most `slots` decode tasks run (the CPUs the actors leave free), and each keeps at most CALLS_AHEAD calls
+    queued at its actor. The driver blocks in ray.wait between events; it never polls.
 
-    Faults: a decode task whose worker dies is retried (DECODE_TASK_RETRIES; a streaming generator's retry skips
-    the tables already consumed), and the input it was reading becomes an error row after INPUT_CRASH_LIMIT
-    deaths (Attempts). An embed actor that dies is restarted twice, its queued calls retried on the new one."""
+    Faults: a decode task whose worker dies is retried (DECODE_TASK_RETRIES), and the input it was reading becomes
+    an error row after INPUT_CRASH_LIMIT deaths (Attempts). An embed actor that dies is restarted twice, its queued
+    calls retried on the new one. An actor lost for good fails its tasks, and the run with them."""
 
     def __init__(
         self,
@@ -270,28 +262,22 @@ class Flow:
         facts: ModelFacts,
         todo: list[InputItem],
         placement: Placement,
-        attempts: Attempts | None = None,
-        sink: WriterSink | None = None,
+        attempts: Attempts | None,
+        sink: WriterSink,
     ):
-        from pipeline.stages import EmbedStage, decode_item, work_item
+        from pipeline.stages import EmbedStage, work_item
 
         self.ray = ray
         self.todo = deque(work_item(i) for i in todo)
-        self.tables_per_call = max(1, (cfg.batch_size * 4) // DECODE_TABLE_SEGMENTS)
         free = float(ray.cluster_resources().get("CPU", 1)) - placement.actors * placement.cpus_per_actor
         self.slots = placement.decode_workers or max(1, int(free))
-        self.backlog = 2 * self.tables_per_call * placement.actors
-        self._decode = ray.remote(
-            num_cpus=1,
-            max_retries=DECODE_TASK_RETRIES,
-            num_returns="streaming",
-            _generator_backpressure_num_objects=DECODE_TABLES_AHEAD,
-        )(decode_item)
+        self._decode = ray.remote(num_cpus=1, max_retries=DECODE_TASK_RETRIES)(decode_and_embed)
         self._decode_kwargs = ray.put(
             {
                 "sample_rate": facts.spec.sample_rate,
                 "segments": facts.segments,
-                "segments_per_table": DECODE_TABLE_SEGMENTS,
+                # one model batch per call (at least DECODE_TABLE_SEGMENTS: fewer calls per segment)
+                "segments_per_table": max(DECODE_TABLE_SEGMENTS, cfg.batch_size),
                 "storage_options": cfg.in_options,
                 "time_limit_s": cfg.decode_timeout_s,
                 "attempts": attempts,
@@ -321,57 +307,30 @@ class Flow:
                 threads=placement.threads,
                 trust_remote_code=cfg.trust_remote_code,
                 expected_code_hash=facts.code_hash,  # each actor checks its staged code against the driver's
-                sink=sink,  # the rows go to the node's writer; the driver gets records and counts
+                sink=sink,  # the rows go to the node's writer; the task gets records and counts
             )
             for _ in range(placement.actors)
         ]
-        self.tasks: list = []  # decode generators still running
-        self.pending: deque = deque()  # decode tables consumed from the tasks, not yet sent to an actor
-        self.calls: dict = {}  # embed call -> its actor's index
-        self.load = [0] * len(self.actors)  # calls queued per actor
-        self.watch = StallWatch(lambda: float(ray.available_resources().get("CPU", 0.0)))
+        self.tasks: dict = {}  # decode task -> its actor's index
+        self.load = [0] * len(self.actors)  # decode tasks running per actor
 
     def __iter__(self):
         ray = self.ray
         try:
             while True:
                 while self.todo and len(self.tasks) < self.slots:
-                    self.tasks.append(self._decode.remote(self.todo.popleft(), self._decode_kwargs))
-                self._send()
-                if not (self.tasks or self.pending or self.calls):
+                    k = min(range(len(self.actors)), key=self.load.__getitem__)
+                    ref = self._decode.remote(self.todo.popleft(), self._decode_kwargs, self.actors[k])
+                    self.tasks[ref] = k
+                    self.load[k] += 1
+                if not self.tasks:
                     return
-                drain = len(self.pending) < self.backlog or (
-                    bool(self.calls and self.tasks) and self.watch.stalled()
-                )
-                waiting = list(self.calls) + (self.tasks if drain else [])
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=WAIT_S, fetch_local=False)
+                ready, _ = ray.wait(list(self.tasks), num_returns=1, timeout=WAIT_S)
                 for ref in ready:
-                    if isinstance(ref, ray.ObjectRefGenerator):
-                        try:
-                            self.pending.append(next(ref))
-                        except StopIteration:
-                            self.tasks.remove(ref)
-                    else:
-                        self.load[self.calls.pop(ref)] -= 1
-                        self.watch.ended()
-                        yield self._result(ref)
+                    self.load[self.tasks.pop(ref)] -= 1
+                    yield self._result(ref)
         finally:
             self.close()
-
-    def _send(self) -> None:
-        """Embed calls for what waits: a full call to the least loaded actor while it has room; a partial one
-        only to an idle actor, or when no more input is coming."""
-        more = bool(self.tasks or self.todo)
-        while self.pending:
-            k = min(range(len(self.actors)), key=self.load.__getitem__)
-            if self.load[k] >= EMBED_CALLS_AHEAD:
-                return
-            if len(self.pending) < self.tables_per_call and self.load[k] > 0 and more:
-                return
-            n = min(self.tables_per_call, len(self.pending))
-            ref = self.actors[k].embed_tables.remote(*(self.pending.popleft() for _ in range(n)))
-            self.calls[ref] = k
-            self.load[k] += 1
 
     def _result(self, ref):
         from ray.exceptions import RayError
@@ -382,26 +341,23 @@ class Flow:
             raise PipelineError(f"the embed stage failed: {type(exc).__name__}: {_last_line(exc)}") from None
 
     def close(self) -> None:
-        """Let the queued embed calls end (at most CLOSE_WAIT_S), end the actors, then cancel the decode tasks
-        still running (idempotent). In that order: a call cut by its actor's end or by a cancelled decode table
-        fails, and Ray retries it and says so on the driver's stdout, where `--json` prints the summary. What
-        those calls write is never committed (the run drops uncommitted flushes)."""
-        if self.calls:
-            self.ray.wait(
-                list(self.calls), num_returns=len(self.calls), timeout=CLOSE_WAIT_S, fetch_local=False
-            )
+        """Cancel the decode tasks still running and let them end (at most CLOSE_WAIT_S), then end the actors
+        (idempotent). In that order, a task stops sending before its actor goes. What the cut tasks' calls wrote
+        is never committed (the run drops uncommitted flushes)."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            try:
+                self.ray.cancel(task)
+            except Exception:
+                pass
+        if tasks:
+            self.ray.wait(tasks, num_returns=len(tasks), timeout=CLOSE_WAIT_S, fetch_local=False)
         for a in self.actors:
             try:
                 self.ray.kill(a)
             except Exception:
                 pass
-        for task in self.tasks:
-            try:
-                self.ray.cancel(task)
-            except Exception:
-                pass
-        self.tasks, self.actors, self.calls = [], [], {}
-        self.pending.clear()
+        self.tasks, self.actors = {}, []
 
 
 def _last_line(exc: BaseException) -> str:
@@ -591,16 +547,34 @@ class WriterSink:
         is_seg = pc.is_null(out.column("record"))
         n = int(pc.sum(pc.cast(is_seg, pa.int64())).as_py() or 0)
         audio = float(pc.sum(pc.filter(out.column("duration_s"), is_seg)).as_py() or 0.0)
-        recs = out.filter(pc.invert(is_seg))
-        return pa.table(
-            {
-                "recording_id": pa.concat_arrays(
-                    [recs.column("recording_id").combine_chunks().cast(pa.string()), pa.array([""])]
-                ),
-                "record": pa.concat_arrays(
-                    [recs.column("record").combine_chunks().cast(pa.string()), pa.nulls(1, pa.string())]
-                ),
-                "segments": pa.array([0] * recs.num_rows + [n], pa.int64()),
-                "audio_s": pa.array([0.0] * recs.num_rows + [audio], pa.float64()),
-            }
-        )
+        return _summary(out.filter(pc.invert(is_seg)), n, audio)
+
+    @staticmethod
+    def merge(summaries: list) -> Any:
+        """Several calls' summaries -> one: their record rows and one counts row."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        t = pa.concat_tables(summaries)
+        n = int(pc.sum(t.column("segments")).as_py() or 0)
+        audio = float(pc.sum(t.column("audio_s")).as_py() or 0.0)
+        return _summary(t.filter(pc.is_valid(t.column("record"))), n, audio)
+
+
+def _summary(recs, segments: int, audio_s: float) -> Any:
+    """What the driver gets: record rows (recording_id, record) and one counts row (recording_id "", no record,
+    the segments embedded and their audio seconds)."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "recording_id": pa.concat_arrays(
+                [recs.column("recording_id").combine_chunks().cast(pa.string()), pa.array([""])]
+            ),
+            "record": pa.concat_arrays(
+                [recs.column("record").combine_chunks().cast(pa.string()), pa.nulls(1, pa.string())]
+            ),
+            "segments": pa.array([0] * recs.num_rows + [segments], pa.int64()),
+            "audio_s": pa.array([0.0] * recs.num_rows + [audio_s], pa.float64()),
+        }
+    )
