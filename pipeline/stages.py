@@ -93,7 +93,8 @@ def decode_input(
     `attempts` (optional) counts, across processes, the tries of this input that began and never ended: the
     worker process died under them. After `crash_limit` of those the input is not tried again; it becomes an
     `error` row of kind `worker_crash`, so that a file that kills its worker ends the run's retries instead of
-    failing the dataset. It is any object with begin(key) -> tries left unfinished before, and end(key).
+    failing the dataset. It is any object with begin(key) -> tries left unfinished before, end(key), and
+    skip(key) (this try gave up on the input without reading it: not a death).
     """
     from pipeline.audio import injected, read_segments
 
@@ -135,7 +136,9 @@ def decode_input(
             ),
             sent=0,
         )
-        attempts.end(recording_id)
+        # not ended, only this try taken back: the count stays at the deaths seen, so a retry of a task that
+        # holds more inputs (it died under another one) gives the same verdict instead of reading this one again
+        attempts.skip(recording_id)
         yield _record_table(recording_id, record)
         return
     if injected(uri).get("worker_crash"):  # fault injection (tests): die like a worker killed by a bad file

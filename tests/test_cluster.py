@@ -347,9 +347,13 @@ def test_embed_actor_killed_midway_is_replaced_and_the_run_completes(model_dir, 
     check_table(out, expected)
 
 
-def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(model_dir, tmp_path):
+def test_inputs_that_kill_their_worker_every_time_become_error_rows(model_dir, tmp_path):
+    """Two such inputs in one decode task: on 2 CPUs (one decode slot) the inputs, sorted by URI, go in tasks of
+    1, 2, 1 and 1 (engine.ray_wiring.chunk_size), so both bad ones share the second task, which needs two deaths
+    under each before both are error rows: its retry bound counts each input it holds."""
     audio, out = tmp_path / "audio", tmp_path / "table"
-    corpus(audio, 3, 6.0, extra={"x__kill_worker__.flac": 6.0})
+    bad = {"t00a__kill_worker__.flac": 6.0, "t00b__kill_worker__.flac": 6.0}
+    corpus(audio, 3, 6.0, extra=bad)
     done = subprocess.run(
         extract_cmd(audio, out, model_dir),
         env=env(MERT_PIPELINE_FAULT_INJECTION="worker_crash:__kill_worker__"),
@@ -359,13 +363,15 @@ def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(model_di
     assert done.returncode == 0, done.stderr.decode()[-4000:]
     summary = summary_of(done.stdout)
     assert summary["status"] == "complete"
-    assert (summary["counts"]["ok"], summary["counts"]["error"]) == (3, 1)
-    assert summary["counts"]["errors_by_kind"] == {"worker_crash": 1}
+    assert (summary["counts"]["ok"], summary["counts"]["error"]) == (3, 2)
+    assert summary["counts"]["errors_by_kind"] == {"worker_crash": 2}
     ledger = read_ledger(str(out), latest=False)
-    assert ledger.num_rows == 4
-    bad = ledger.filter(pc.match_substring(ledger.column("uri"), "__kill_worker__")).to_pylist()[0]
-    assert bad["status"] == "error" and bad["error_kind"] == "worker_crash" and not bad["retryable"]
-    assert "died 2 times" in bad["error_message"] and "x__kill_worker__.flac" in bad["error_message"]
+    assert ledger.num_rows == 5
+    rows = ledger.filter(pc.match_substring(ledger.column("uri"), "__kill_worker__")).to_pylist()
+    assert sorted(Path(r["uri"]).name for r in rows) == sorted(bad)
+    for row in rows:
+        assert row["status"] == "error" and row["error_kind"] == "worker_crash" and not row["retryable"]
+        assert "died 2 times" in row["error_message"] and Path(row["uri"]).name in row["error_message"]
     # a rerun does not try it again (a permanent error) ...
     again = subprocess.run(
         extract_cmd(audio, out, model_dir),
@@ -373,7 +379,7 @@ def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(model_di
         capture_output=True,
         timeout=400,
     )
-    assert again.returncode == 0 and summary_of(again.stdout)["counts"]["skipped"] == 4
+    assert again.returncode == 0 and summary_of(again.stdout)["counts"]["skipped"] == 5
 
 
 def test_sigterm_stops_the_driver_at_a_commit_boundary_and_a_rerun_resumes(model_dir, tmp_path):

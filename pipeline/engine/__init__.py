@@ -1,7 +1,7 @@
 """The engine: one run from listing to the last commit.
 
 plan.py        the model's facts and configuration hash, the work list, fail-fast rules, dry-run estimates
-ray_wiring.py  the only Ray importer: cluster, placement, the flow (a decode task per input -> its embed actor), writers
+ray_wiring.py  the only Ray importer: cluster, placement, the flow (decode tasks -> their embed actor), writers
 assemble.py    the driver's bookkeeping from metadata: which recordings are durable, what to commit (pure)
 control.py     signals that stop a run at a commit boundary; block timings
 run.py         the orchestration

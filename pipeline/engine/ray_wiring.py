@@ -163,13 +163,31 @@ def device_name(ray, placement: Placement) -> str:
 
 DECODE_TABLE_SEGMENTS = 8  # the fewest segments per table a decode task makes (stages.decode_input)
 # An input under which the worker process died this many times becomes an `error` row (worker_crash). A decode
-# task is tried one more time than that, plus one spare for a node that dies under an innocent input.
+# task is retried that many times for each of its inputs (each may kill it), plus one spare for a node that dies
+# under innocent inputs (decode_task_retries).
 INPUT_CRASH_LIMIT = 2
-DECODE_TASK_RETRIES = INPUT_CRASH_LIMIT + 1
+# Inputs per decode task, at most: the driver's work is per task (a submit and a get, ~8 ms of its CPU with Ray's
+# threads), so a task of 16 three-minute tracks costs it ~0.015 ms per segment. Each slot's first task takes one
+# input, so that the first summary comes soon; later ones about half of what is left per slot, so the end of a run
+# is not one slow task. A retried task redoes its inputs (the copies are dropped), so this also bounds that.
+INPUTS_PER_TASK = 16
+
+
+def decode_task_retries(inputs: int) -> int:
+    """Ray's retry bound for a decode task of `inputs` inputs: each may take INPUT_CRASH_LIMIT deaths before it
+    becomes an error row, plus one spare."""
+    return INPUT_CRASH_LIMIT * inputs + 1
+
+
+def chunk_size(started: int, slots: int, left: int) -> int:
+    """How many inputs the next decode task takes (see INPUTS_PER_TASK); `started`: tasks started so far."""
+    if started < slots:
+        return min(1, left)
+    return min(left, INPUTS_PER_TASK, max(1, left // (2 * slots)))
 
 
 class Attempts:
-    """begin/end of each input's decode, counted on the driver's node (it outlives the workers that die) by that
+    """begin/end (or skip) of each input's decode, counted on the driver's node (it outlives the workers that die) by that
     node's writer, in a thread of its own (ATTEMPTS_GROUP): a run starts no process for them, and a flush never
     holds a decode task's begin back. Passed to the decode stage, which knows nothing of Ray: see
     stages.decode_input."""
@@ -200,22 +218,34 @@ class Attempts:
         except Exception:
             pass
 
+    def skip(self, key: str) -> None:
+        """This try gave up on the input without reading it: it is no death, and the count stays at the deaths
+        seen, so that every later try gives the same verdict. Waited for: the worker may die right after, under
+        another input of its task."""
+        import ray
+
+        try:
+            ray.get(
+                self.handle.skip_attempt.options(concurrency_group=ATTEMPTS_GROUP).remote(key), timeout=60
+            )
+        except Exception:
+            pass
+
 
 CALLS_AHEAD = 2  # embed calls a decode task keeps queued at its actor: one running, one waiting
-CLOSE_WAIT_S = (
-    10.0  # the longest a stopping flow waits for its cancelled decode tasks before ending the actors
-)
+CLOSE_WAIT_S = 10.0  # the longest a stopping flow waits for its cancelled decode tasks to end
 WAIT_S = 1.0  # the longest the driver blocks in Ray between events (a signal is handled at the latest then)
 
 
-def decode_and_embed(item: dict, kwargs: dict, actor) -> Any:
-    """A decode task: one input's decode tables (stages.decode_item), each sent to `actor` as soon as it is made,
-    so that no table passes through the driver or is owned by it. At most CALLS_AHEAD calls wait at the actor;
-    then the task blocks on the oldest, and Ray lends its CPU to others while it waits (a restarting actor, a task
-    re-run to rebuild what a dead node lost). The input's record table goes in one call with its last segments.
+def decode_and_embed(items: list[dict], kwargs: dict, actor) -> Any:
+    """A decode task: its inputs' decode tables (stages.decode_item), one input after the other, each table sent
+    to `actor` as soon as it is made, so that no table passes through the driver or is owned by it. At most
+    CALLS_AHEAD calls wait at the actor; then the task blocks on the oldest, and Ray lends its CPU to others while
+    it waits (a restarting actor, a task re-run to rebuild what a dead node lost). Each input's record table goes
+    in one call with its last segments.
 
-    Returns the input's summary (WriterSink.merge): its record row and its segment counts, a few hundred bytes
-    whatever the input's length. A retry (the worker died) decodes and sends the input again; the writers and the
+    Returns the inputs' summary (WriterSink.merge): their record rows and one counts row, a few hundred bytes per
+    input whatever its length. A retry (the worker died) decodes and sends its inputs again; the writers and the
     assembler drop the copies (FlushWriter.add, engine.assemble)."""
     import ray
 
@@ -223,35 +253,36 @@ def decode_and_embed(item: dict, kwargs: dict, actor) -> Any:
 
     calls: deque = deque()
     outs = []
-    held = None  # the newest segment table, held back so that the record table can go with it
-    for table in decode_item(item, kwargs):
-        if table.column("record").null_count < table.num_rows:  # the record table, always the last
-            calls.append(actor.embed_tables.remote(*([] if held is None else [held]), table))
-            held = None
-        else:
-            if held is not None:
-                calls.append(actor.embed_tables.remote(held))
-            held = table
-        while len(calls) > CALLS_AHEAD:
-            outs.append(ray.get(calls.popleft()))
-    if held is not None:
-        calls.append(actor.embed_tables.remote(held))
+    for item in items:
+        held = None  # the newest segment table, held back so that the record table can go with it
+        for table in decode_item(item, kwargs):
+            if table.column("record").null_count < table.num_rows:  # the record table, always the last
+                calls.append(actor.embed_tables.remote(*([] if held is None else [held]), table))
+                held = None
+            else:
+                if held is not None:
+                    calls.append(actor.embed_tables.remote(held))
+                held = table
+            while len(calls) > CALLS_AHEAD:
+                outs.append(ray.get(calls.popleft()))
+        if held is not None:
+            calls.append(actor.embed_tables.remote(held))
     outs.extend(ray.get(list(calls)))
     return WriterSink.merge(outs)
 
 
 class Flow:
-    """The run's work on Ray core: one decode task per input (decode_and_embed, on the CPU), which sends its decode
-    tables to the embed actor it is given (one model replica each), which hands the rows to the writer on its node
-    (WriterSink). Iterating yields each input's summary as its task ends: its record row and segment counts, a few
-    hundred bytes.
+    """The run's work on Ray core: decode tasks (decode_and_embed, on the CPU), each over a few inputs
+    (chunk_size), which send their decode tables to the embed actor they are given (one model replica each), which
+    hands the rows to the writer on its node (WriterSink). Iterating yields each task's summary as it ends: its
+    inputs' record rows and segment counts, a few hundred bytes per input.
 
-    The driver's work grows with inputs, not segments: it starts a task per input, assigns it the actor with the
-    fewest tasks, and takes its summary; it never owns or sees a decode table. What waits anywhere stays bounded:
-    at most `slots` decode tasks run (the CPUs the actors leave free), and each keeps at most CALLS_AHEAD calls
-    queued at its actor. The driver blocks in ray.wait between events; it never polls.
+    The driver's work grows with tasks, not segments: it starts a task, assigns it the actor with the fewest
+    tasks, and takes its summary; it never owns or sees a decode table. What waits anywhere stays bounded: at most
+    `slots` decode tasks run (the CPUs the actors leave free), and each keeps at most CALLS_AHEAD calls queued at
+    its actor. The driver blocks in ray.wait between events; it never polls.
 
-    Faults: a decode task whose worker dies is retried (DECODE_TASK_RETRIES), and the input it was reading becomes
+    Faults: a decode task whose worker dies is retried (decode_task_retries), and the input it was reading becomes
     an error row after INPUT_CRASH_LIMIT deaths (Attempts). An embed actor that dies is restarted twice, its queued
     calls retried on the new one. An actor lost for good fails its tasks, and the run with them."""
 
@@ -271,7 +302,8 @@ class Flow:
         self.todo = deque(work_item(i) for i in todo)
         free = float(ray.cluster_resources().get("CPU", 1)) - placement.actors * placement.cpus_per_actor
         self.slots = placement.decode_workers or max(1, int(free))
-        self._decode = ray.remote(num_cpus=1, max_retries=DECODE_TASK_RETRIES)(decode_and_embed)
+        self._decode = ray.remote(num_cpus=1)(decode_and_embed)
+        self.started = 0  # decode tasks started
         self._decode_kwargs = ray.put(
             {
                 "sample_rate": facts.spec.sample_rate,
@@ -320,9 +352,13 @@ class Flow:
             while True:
                 while self.todo and len(self.tasks) < self.slots:
                     k = min(range(len(self.actors)), key=self.load.__getitem__)
-                    ref = self._decode.remote(self.todo.popleft(), self._decode_kwargs, self.actors[k])
+                    n = chunk_size(self.started, self.slots, len(self.todo))
+                    chunk = [self.todo.popleft() for _ in range(n)]
+                    task = self._decode.options(max_retries=decode_task_retries(n))
+                    ref = task.remote(chunk, self._decode_kwargs, self.actors[k])
                     self.tasks[ref] = k
                     self.load[k] += 1
+                    self.started += 1
                 if not self.tasks:
                     return
                 ready, _ = ray.wait(list(self.tasks), num_returns=1, timeout=WAIT_S)
@@ -341,22 +377,24 @@ class Flow:
             raise PipelineError(f"the embed stage failed: {type(exc).__name__}: {_last_line(exc)}") from None
 
     def close(self) -> None:
-        """Cancel the decode tasks still running and let them end (at most CLOSE_WAIT_S), then end the actors
-        (idempotent). In that order, a task stops sending before its actor goes. What the cut tasks' calls wrote
-        is never committed (the run drops uncommitted flushes)."""
-        tasks = list(self.tasks)
-        for task in tasks:
-            try:
-                self.ray.cancel(task)
-            except Exception:
-                pass
-        if tasks:
-            self.ray.wait(tasks, num_returns=len(tasks), timeout=CLOSE_WAIT_S, fetch_local=False)
+        """End the actors, then let the decode tasks still running end (at most CLOSE_WAIT_S) and take their
+        errors (idempotent). A task fails at its next call to its ended actor, so it stops within one decode table;
+        the tasks are not cancelled (Ray 2.60's driver aborted in task_manager.cc, "Tried to complete task that was
+        not pending", when a cancelled task's reply came). What the cut calls wrote is never committed (the run
+        drops uncommitted flushes)."""
         for a in self.actors:
             try:
                 self.ray.kill(a)
             except Exception:
                 pass
+        tasks = list(self.tasks)
+        if tasks:
+            ready, _ = self.ray.wait(tasks, num_returns=len(tasks), timeout=CLOSE_WAIT_S, fetch_local=False)
+            for task in ready:
+                try:
+                    self.ray.get(task)
+                except Exception:  # taken, so that Ray does not report it as an unhandled error
+                    pass
         self.tasks, self.actors = {}, []
 
 
@@ -391,6 +429,10 @@ class _Writer:
 
     def end_attempt(self, key: str) -> None:
         self.open.pop(key, None)
+
+    def skip_attempt(self, key: str) -> None:
+        if self.open.get(key, 0) > 0:
+            self.open[key] -= 1
 
     def add(self, block) -> None:
         self.w.add(block)
