@@ -266,3 +266,17 @@ def test_select_work_skips_settled_inputs_and_retries_transient_errors():
     ]
     todo, skipped = select_work(items, led, retry_errors=False)
     assert [i.recording_id for i in todo] == ["changed", "flaky", "new"] and skipped == 3
+
+
+def test_a_writer_counts_what_it_received_once_for_progress(tmp_path):
+    """The run's progress comes from these counts as segments land (a decode task reports only when its inputs are
+    done): a retried embed call's copies are not counted again, and record rows are not segments."""
+    t = FeatureTable(str(tmp_path / "t"))
+    t.create_or_check(table_meta())
+    w = writer(t, "run-1")
+    w.add(block({"a": 3}))
+    assert w.embedded == {"segments": 3, "audio_s": 15.0}
+    w.add(block({"a": 3, "b": 2}, records=[record("a", 3)]))  # a's three again (a retry), then b's two
+    assert w.embedded == {"segments": 5, "audio_s": 25.0}
+    w.finish()
+    assert w.embedded == {"segments": 5, "audio_s": 25.0} and w.stats()["segments_received"] == 5

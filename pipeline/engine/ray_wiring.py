@@ -275,7 +275,8 @@ class Flow:
     """The run's work on Ray core: decode tasks (decode_and_embed, on the CPU), each over a few inputs
     (chunk_size), which send their decode tables to the embed actor they are given (one model replica each), which
     hands the rows to the writer on its node (WriterSink). Iterating yields each task's summary as it ends: its
-    inputs' record rows and segment counts, a few hundred bytes per input.
+    inputs' record rows and segment counts, a few hundred bytes per input; and None when WAIT_S passes without
+    one, so that the driver can poll the writers, which see the segments land (progress, flushes, commits).
 
     The driver's work grows with tasks, not segments: it starts a task, assigns it the actor with the fewest
     tasks, and takes its summary; it never owns or sees a decode table. What waits anywhere stays bounded: at most
@@ -362,6 +363,8 @@ class Flow:
                 if not self.tasks:
                     return
                 ready, _ = ray.wait(list(self.tasks), num_returns=1, timeout=WAIT_S)
+                if not ready:
+                    yield None  # a tick: no task ended for WAIT_S (the driver polls its writers)
                 for ref in ready:
                     self.load[self.tasks.pop(ref)] -= 1
                     yield self._result(ref)
@@ -437,13 +440,14 @@ class _Writer:
     def add(self, block) -> None:
         self.w.add(block)
 
-    def take(self, force: bool = False) -> list[dict]:
+    def take(self, force: bool = False) -> dict:
+        """Flushes finished since the last call, and the running count of what this writer received."""
         if force:
             self.w.flush()
-        return self.w.take()
+        return {"flushes": self.w.take(), "embedded": dict(self.w.embedded)}
 
-    def finish(self) -> list[dict]:
-        return self.w.finish()
+    def finish(self) -> dict:
+        return {"flushes": self.w.finish(), "embedded": dict(self.w.embedded)}
 
     def stats(self) -> dict:
         return self.w.stats()
@@ -460,6 +464,8 @@ class WriterPool:
         self.by_node: dict[str, Any] = {}
         self.lost: list[str] = []  # node ids whose writer died
         self.names: dict[str, str] = {}  # node id -> its writer's actor name (see WriterSink)
+        # node id -> what its writer has received so far (segments, audio_s): a run's progress, as it lands
+        self.embedded: dict[str, dict] = {}
         cls = ray.remote(
             num_cpus=0, max_restarts=0, max_concurrency=1, concurrency_groups={ATTEMPTS_GROUP: 1}
         )(_Writer)
@@ -479,15 +485,16 @@ class WriterPool:
     def handles(self) -> list:
         return list(self.by_node.values())
 
-    def _call(self, method: str, *args) -> list:
-        """`method` on every writer; a writer whose node died is dropped (and noted in `lost`)."""
+    def _call(self, method: str, *args) -> list[tuple[str, Any]]:
+        """(node id, answer) of `method` on every writer; a writer whose node died is dropped (and noted in
+        `lost`)."""
         from ray.exceptions import RayActorError
 
         refs = {nid: getattr(h, method).remote(*args) for nid, h in self.by_node.items()}
         out = []
         for nid, ref in refs.items():
             try:
-                out.append(self.ray.get(ref))
+                out.append((nid, self.ray.get(ref)))
             except RayActorError:
                 self.lost.append(nid)
                 self.by_node.pop(nid, None)
@@ -500,13 +507,25 @@ class WriterPool:
 
     def take(self, force: bool = False) -> list[dict]:
         """Flushes finished since the last call; `force`: every writer flushes its buffer first."""
-        return [m for ms in self._call("take", force) for m in ms]
+        return self._flushes(self._call("take", force))
 
     def finish(self) -> list[dict]:
-        return [m for ms in self._call("finish") for m in ms]
+        return self._flushes(self._call("finish"))
+
+    def _flushes(self, answers: list[tuple[str, dict]]) -> list[dict]:
+        for nid, a in answers:
+            self.embedded[nid] = a["embedded"]
+        return [m for _, a in answers for m in a["flushes"]]
+
+    def embedded_total(self) -> tuple[int, float]:
+        """Segments and their audio seconds the writers received so far (a writer lost with its node included)."""
+        return (
+            sum(e["segments"] for e in self.embedded.values()),
+            sum(e["audio_s"] for e in self.embedded.values()),
+        )
 
     def stats(self) -> list[dict]:
-        return self._call("stats")
+        return [s for _, s in self._call("stats")]
 
     def close(self) -> None:
         for h in self.handles():

@@ -226,23 +226,32 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                     commit()
                 return reason
 
+            shown: dict[str, Any] = {
+                "segments": 0,
+                "audio_s": 0.0,
+            }  # what the progress shows: the writers' counts
+
             def collect(metas: list[dict]) -> None:
                 for meta_ in metas:
                     received["flush_descriptions_bytes"] += len(_dumps(meta_))
                     assembler.add_flush(meta_)
+                # progress as the segments land, not as the decode tasks (up to 16 inputs each) end
+                segs, audio = pool.embedded_total()
+                if segs > shown["segments"]:
+                    beat.segments(audio - shown["audio_s"], segs - shown["segments"])
+                    shown.update(segments=segs, audio_s=audio)
 
             def stream(flow) -> str | None:
                 """Iterate one flow to its end (or a stop); returns a stop reason, if any."""
                 polled = time.monotonic()
                 for block in flow:
                     with signals.hold():  # a signal here waits for the block's commit, then ends the loop
-                        seg_audio, seg_count = _block_counts(timings, block, t0)
-                        beat.segments(seg_audio, seg_count)
-                        received["blocks_bytes"] += block.nbytes
-                        received["segments"] += seg_count
-                        for rec in block.column("record").to_pylist():
-                            if rec is not None:
-                                assembler.add_record(_json(rec))
+                        if block is not None:  # None: a tick, with no decode task ended
+                            received["blocks_bytes"] += block.nbytes
+                            received["segments"] += _block_counts(timings, block, t0)[1]
+                            for rec in block.column("record").to_pylist():
+                                if rec is not None:
+                                    assembler.add_record(_json(rec))
                         # Records waiting for their segments to be flushed: at --shard-max-recordings of them,
                         # or --commit-interval after the last commit, every writer flushes now.
                         force = assembler.waiting_records() >= cfg.shard_max_recordings or (

@@ -87,6 +87,7 @@ class FlushWriter:
         self.records: dict[str, dict] = {}  # recording granularity: record rows waiting for their segments
         self.done: list[dict] = []  # flush descriptions not yet taken by the driver
         self.written_bytes = 0
+        self.embedded = {"segments": 0, "audio_s": 0.0}  # segment rows received, copies left out (progress)
 
     # ---- in ------------------------------------------------------------------------------------------------
     def add(self, block: pa.Table) -> None:
@@ -103,6 +104,8 @@ class FlushWriter:
                     self.seen.add((rid, seg))
                     keep.append(i)
             segs = segs.take(pa.array(keep, pa.int64())) if len(keep) < segs.num_rows else segs
+            self.embedded["segments"] += segs.num_rows
+            self.embedded["audio_s"] += float(pc.sum(segs.column("duration_s")).as_py() or 0.0)
             segs = segs.select([*SEGMENT_COLUMNS, *(layer_column(x) for x in self.layers)])
             if self.granularity == "recording":
                 for rid in dict.fromkeys(segs.column("recording_id").to_pylist()):
@@ -232,4 +235,9 @@ class FlushWriter:
         return self.take()
 
     def stats(self) -> dict:
-        return {"flushes": self.seq, "bytes": self.written_bytes, "buffered_bytes": self.bytes}
+        return {
+            "flushes": self.seq,
+            "bytes": self.written_bytes,
+            "buffered_bytes": self.bytes,
+            "segments_received": self.embedded["segments"],
+        }
