@@ -512,7 +512,7 @@ def print_pipeline_section(section: dict) -> None:
     fl = section.get("floor")
     if fl:
         print(
-            f"the Ray floor ({len(fl['runs'])} runs: a local Ray, generator tasks and one actor of "
+            f"the Ray floor ({len(fl['runs'])} runs: a local Ray, tasks passing items to one actor, "
             f"identity functions, {fl['runs'][0]['blocks']} blocks): {fl['cpu_s']} CPU s, first block at "
             f"{fl['first_block_s']} s (runs: "
             + ", ".join(f"{r['tree_cpu_s']} CPU s / {r['first_block_s']:.2f} s" for r in fl["runs"])
