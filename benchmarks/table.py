@@ -196,7 +196,8 @@ class DriverMeter:
 
             def counted_flow(flow):
                 for batch in flow_iter(flow):
-                    meter._take(batch)
+                    if batch is not None:  # None: the flow's tick, nothing received
+                        meter._take(batch)
                     yield batch
 
             Flow.__iter__ = counted_flow  # type: ignore[method-assign]
