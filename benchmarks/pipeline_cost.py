@@ -24,9 +24,9 @@ of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU wou
   floor     what Ray alone costs a run shaped like ours, measured the same way in the same command
             (FLOOR_RUNS fresh processes, `--floor`): a local Ray started with the run's own options
             (engine.ray_wiring.connect), FLOOR_BLOCKS items through tasks that each pass theirs to one one-CPU
-            actor, identity functions, each task's result to the driver as it finishes, Ray shut down. Its tree CPU and
-            the time to its first block are what no change inside the pipeline can remove while it runs on Ray;
-            `fixed - floor` and `first block - floor` are the pipeline's own share of the start-up goals;
+            actor, identity functions, each task's result to the driver as it finishes, Ray shut down. Its tree
+            CPU and the time to its first block are what no change inside the pipeline can remove while it runs
+            on Ray; `fixed - floor` and `first block - floor` are the pipeline's own share of the start-up goals;
   steady    the 3N run's `timings.steady_audio_s_per_s` (first embedded block to last) against the CPU stage's
             capacity on the cores the pipeline gives decoding: decode slots (the cluster's CPUs minus what the
             embed actor reserves; one on 2 cores) x the isolated stage's audio s per CPU s (goal >= 0.9).

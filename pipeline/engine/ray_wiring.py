@@ -187,9 +187,9 @@ def chunk_size(started: int, slots: int, left: int) -> int:
 
 
 class Attempts:
-    """begin/end (or skip) of each input's decode, counted on the driver's node (it outlives the workers that die) by that
-    node's writer, in a thread of its own (ATTEMPTS_GROUP): a run starts no process for them, and a flush never
-    holds a decode task's begin back. Passed to the decode stage, which knows nothing of Ray: see
+    """begin/end (or skip) of each input's decode, counted on the driver's node (it outlives the workers that die)
+    by that node's writer, in a thread of its own (ATTEMPTS_GROUP): a run starts no process for them, and a flush
+    never holds a decode task's begin back. Passed to the decode stage, which knows nothing of Ray: see
     stages.decode_input."""
 
     def __init__(self, handle):
@@ -233,7 +233,7 @@ class Attempts:
 
 
 CALLS_AHEAD = 2  # embed calls a decode task keeps queued at its actor: one running, one waiting
-CLOSE_WAIT_S = 10.0  # the longest a stopping flow waits for its cancelled decode tasks to end
+CLOSE_WAIT_S = 10.0  # the longest a stopping flow waits for its decode tasks once their actors are gone
 WAIT_S = 1.0  # the longest the driver blocks in Ray between events (a signal is handled at the latest then)
 
 

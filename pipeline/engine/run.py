@@ -226,10 +226,8 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                     commit()
                 return reason
 
-            shown: dict[str, Any] = {
-                "segments": 0,
-                "audio_s": 0.0,
-            }  # what the progress shows: the writers' counts
+            # what the progress shows so far: the writers' counts of the segments they received
+            shown: dict[str, Any] = {"segments": 0, "audio_s": 0.0}
 
             def collect(metas: list[dict]) -> None:
                 for meta_ in metas:
