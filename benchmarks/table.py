@@ -14,7 +14,10 @@ on the path, on the same venv:
           CPU seconds (psutil, user + sys, around run(), and over the steady window from the first block to
           the last) and bytes received from the cluster (the blocks the run's loop takes in, by `nbytes`:
           the old release's `Dataset.iter_batches`, this tree's `Flow`; plus the pickled size of every `ray.get` result the pipeline's own code asks for). The two
-          steady windows give the driver's CPU per segment and per wall second (fit_driver_cpu).
+          steady windows give the driver's CPU per segment and per wall second (fit_driver_cpu). Then the
+          Ray floor: a driver that starts Ray as a run does and idles as long as the fast steady window; its
+          CPU per second over each window's rate is the floor's share of a segment, and the rest the
+          pipeline's own (`own_cpu_ms_per_segment`).
   ingest  the driver's ceiling without Ray or a model. Before: the old `engine.Assembler` + `ShardWriter` fed
           embed-stage blocks (13 x 768 float32, 36 segments per recording) into a local table. After: what the
           new driver does per block (`engine.assemble.Assembler` + `Batch` + `FeatureTable.commit`) on the
@@ -283,6 +286,35 @@ def child_driver(spec: dict) -> dict:
         "get_bytes": meter.get_bytes,
         "bytes": meter.block_bytes + meter.get_bytes,
         "steady": meter.steady(),
+    }
+
+
+def child_ray_floor(spec: dict) -> dict:
+    """The driver of a local Ray that runs nothing: Ray started as a run starts it (engine.ray_wiring.connect),
+    then this process's CPU over `window_s` of idle (after `settle_s`), and by thread. What any driver on Ray
+    spends per second whatever the pipeline does: Ray core's gRPC pollers, io and timer threads."""
+    from pipeline.config import RunConfig
+    from pipeline.engine.ray_wiring import connect
+
+    connect(RunConfig(input="in", output="out"), log=log)
+    time.sleep(spec["settle_s"])
+    # process_time: the same user + sys as cpu_s(), every thread, at nanosecond resolution (psutil's ticks are
+    # 10 ms, as much as the floor spends in a few seconds)
+    c0, w0, t0 = time.process_time(), time.perf_counter(), thread_cpu()
+    time.sleep(spec["window_s"])
+    cpu, wall, t1 = time.process_time() - c0, time.perf_counter() - w0, thread_cpu()
+    import ray
+
+    ray.shutdown()
+    return {
+        "cpu_s": round(cpu, 4),
+        "wall_s": round(wall, 2),
+        "cpu_ms_per_s": round(1000 * cpu / wall, 3),
+        "by_thread_cpu_s": {
+            name: round(c - t0.get(name, 0.0), 4)
+            for name, c in sorted(t1.items(), key=lambda kv: -(kv[1] - t0.get(kv[0], 0.0)))
+            if c - t0.get(name, 0.0) >= 0.002
+        },
     }
 
 
@@ -655,6 +687,7 @@ def child_frame(spec: dict) -> dict:
 
 CHILDREN = {
     "driver": child_driver,
+    "ray_floor": child_ray_floor,
     "ingest_old": child_ingest_old,
     "ingest_new": child_ingest_new,
     "noop": child_noop,
@@ -788,6 +821,10 @@ def part_driver(args, work: Path, release: Path) -> dict:
             if r["status"] != "complete" or r["recordings_ok"] != n or not r.get("steady"):
                 raise RuntimeError(f"driver run {side} ({speed} model) did not commit every input: {r}")
             out["runs"][f"{side}_{speed}"] = r
+    # Ray's own floor for a driver, idle through as long as the after-fast steady window
+    window = max(10.0, float(out["runs"]["after_fast"]["steady"]["wall_s"]))
+    log(f"[bench] driver: the Ray floor, an idle driver for {window:.0f} s")
+    out["ray_floor"] = child("ray_floor", {"settle_s": 3.0, "window_s": window})
     for side in ("before", "after"):
         fast = out["runs"][f"{side}_fast"]
         steady = {speed: out["runs"][f"{side}_{speed}"]["steady"] for speed in models}
@@ -802,13 +839,34 @@ def part_driver(args, work: Path, release: Path) -> dict:
             "cpu_ms_per_segment_at_gpu_rate": 1000 * (fit["per_s_cpu_s"] / GPU_SEGMENTS_PER_S)
             + fit["per_segment_cpu_ms"],
         }
+    floor_per_s = out["ray_floor"]["cpu_ms_per_s"]
+    for side in ("before", "after"):
+        x = out[side]
+        # the floor's share of each steady segment at that window's rate, and what is left: the pipeline's own
+        x["floor_cpu_ms_per_segment"] = {
+            k: round(floor_per_s / r, 4) for k, r in x["steady_segments_per_s"].items()
+        }
+        x["own_cpu_ms_per_segment"] = {
+            k: round(x["steady_cpu_ms_per_segment"][k] - x["floor_cpu_ms_per_segment"][k], 4) for k in models
+        }
     b, a = out["before"], out["after"]
+    # the most any driver on Ray could show against the old release at the after run's rate: old / floor alone
+    out["floor_caps_ratio_at"] = {
+        speed: ratio(b["steady_cpu_ms_per_segment"][speed], a["floor_cpu_ms_per_segment"][speed])
+        for speed in models
+    }
     out["before_over_after"] = {
         "bytes_per_segment": ratio(b["bytes_per_segment"], a["bytes_per_segment"]),
         "run_cpu_ms_per_segment": ratio(b["run_cpu_ms_per_segment"], a["run_cpu_ms_per_segment"]),
         **{
             f"steady_cpu_ms_per_segment_{speed}": ratio(
                 b["steady_cpu_ms_per_segment"][speed], a["steady_cpu_ms_per_segment"][speed]
+            )
+            for speed in models
+        },
+        **{
+            f"own_cpu_ms_per_segment_{speed}": ratio(
+                b["own_cpu_ms_per_segment"][speed], a["own_cpu_ms_per_segment"][speed]
             )
             for speed in models
         },
@@ -1043,6 +1101,13 @@ def print_table(r: dict) -> None:
                 )
             )
         rows.append(("driver before/after", json.dumps(d["before_over_after"])))
+        rows.append(
+            (
+                "driver Ray floor",
+                f"an idle driver: {d['ray_floor']['cpu_ms_per_s']} CPU ms/s; at the after runs' rates the old "
+                f"release over the floor alone: {json.dumps(d['floor_caps_ratio_at'])}",
+            )
+        )
         walls = ", ".join(f"{k} {v['wall_s']} s" for k, v in d["runs"].items())
         rows.append(("driver runs' wall time", walls))
     if "ingest" in r:
