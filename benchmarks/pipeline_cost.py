@@ -17,6 +17,9 @@ of processes nobody reaps: Ray's raylet ignores SIGCHLD, so its workers' CPU wou
             audio(N)). The whole runs' (CPU(3N) - CPU(N)) / (audio(3N) - audio(N)) is kept beside it: a run's
             start-up varies by about +-10 CPU s, which 48 more minutes of audio at the limit (~7 CPU s) cannot
             outweigh, so that fit did not resolve the marginal;
+  by process the marginal split by role (decoder child, decode worker, embed actor, writer, driver, Ray's
+            daemons; ROLES, BINARIES), through the same windows: each process in the group is read from /proc every
+            ROLE_EVERY samples (ProcessRoles). `not attributed` is the marginal less their sum;
   -model    the marginal less the model's own CPU per audio second (its calls alone, in one process, at the
             actor's torch threads): what the pipeline around the model costs
   fixed     CPU - marginal x audio, the mean over the two runs: what a run costs before and around the work
@@ -59,6 +62,28 @@ PIPELINE_CONV_DIM = 4
 # here two torch threads on two cores spin against the decode slot: the actor's CPU in the steady window was
 # 1.70 ms per audio s at 2 threads and 0.90 at 1, at the same wall clock (24 MP3 files, 2026-12-03).
 PIPELINE_CPUS_PER_ACTOR = 1.0
+ROLE_EVERY = 10  # every this many samples, the CPU of each process in the group too, by role (process_roles)
+# A process's role from its command line, first match: Ray workers retitle themselves per task (`ray::IDLE` between
+# tasks), so a pid keeps the first role other than "ray worker (idle)" it is seen with.
+ROLES = (
+    ("-m pipeline.audio", "decoder child"),
+    ("EmbedStage", "embed actor"),
+    ("decode_and_embed", "decode worker"),
+    ("_Writer", "writer"),
+    ("benchmarks.pipeline_cost", "driver"),
+    ("DashboardAgent", "dashboard agent"),
+    ("dashboard.py", "dashboard"),
+    ("log_monitor", "log monitor"),
+    ("monitor.py", "autoscaler monitor"),
+    ("RuntimeEnv", "runtime env agent"),
+    ("ray::IDLE", "ray worker (idle)"),
+    ("default_worker.py", "ray worker (idle)"),  # a worker not yet retitled
+)
+BINARIES = {
+    "raylet": "raylet",
+    "gcs_server": "GCS",
+}  # by the executable's name: the raylet's arguments hold the
+# worker's and the agents' command lines
 FLOOR_RUNS = 2  # fresh Ray floor processes per section (their mean is subtracted)
 FLOOR_BLOCKS = 8  # items through the floor's two stages, one block each (a run of N files has N decode tasks)
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,15 +144,70 @@ class CpuGroup:
                 time.sleep(0.1)
 
 
+def _role(cmdline: str) -> str:
+    exe = cmdline.split(" ", 1)[0].rsplit("/", 1)[-1]
+    if exe in BINARIES:
+        return BINARIES[exe]
+    for key, role in ROLES:
+        if key in cmdline:
+            return role
+    return "other"
+
+
+class ProcessRoles:
+    """CPU s of each process in a cgroup, summed by role (ROLES), read from /proc: `sample()` appends (time, {role:
+    CPU s so far}). A process that has exited keeps the CPU it had at its last sample (what it spent after that
+    is in the cgroup's total, not here)."""
+
+    def __init__(self, group: CpuGroup) -> None:
+        self.group = group
+        self.cpu: dict[int, float] = {}
+        self.role: dict[int, str] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> None:
+        try:
+            pids = [int(x) for x in (self.group.path / "cgroup.procs").read_text().split()]
+        except OSError:
+            return
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(stat[11]) + int(stat[12])) / self.tick
+                if self.role.get(pid, "ray worker (idle)") == "ray worker (idle)":
+                    cmd = (
+                        Path(f"/proc/{pid}/cmdline")
+                        .read_bytes()
+                        .replace(b"\0", b" ")
+                        .decode(errors="replace")
+                    )
+                    self.role[pid] = _role(cmd)
+            except (OSError, ValueError, IndexError):
+                continue
+            self.cpu[pid] = max(cpu, self.cpu.get(pid, 0.0))
+        by_role: dict[str, float] = {}
+        for pid, cpu in self.cpu.items():
+            role = self.role.get(pid, "other")
+            by_role[role] = by_role.get(role, 0.0) + cpu
+        self.samples.append((time.time(), by_role))
+
+
 def measure_tree(
-    cmd: list[str], env: dict, cwd: str, linger_s: float = 60.0, samples: list | None = None
+    cmd: list[str],
+    env: dict,
+    cwd: str,
+    linger_s: float = 60.0,
+    samples: list | None = None,
+    roles: list | None = None,
 ) -> tuple[float, str, str, int]:
     """Run `cmd` as a subreaper's child; after it exits, reap every descendant (SIGKILL what still lives after
     `linger_s`). Returns (CPU s of the whole tree, stdout, stderr, exit code): the cgroup's count where one can be
     made (CpuGroup), else RUSAGE_CHILDREN's, which misses the CPU of processes reaped by nobody (Ray's workers).
     Call it in a process with no other children: RUSAGE_CHILDREN counts every child this process has reaped.
     With a cgroup and a `samples` list, a thread appends (time.time(), the tree's CPU s so far) every SAMPLE_S
-    while the command runs (this process is outside the group: its sampling is not counted)."""
+    while the command runs (this process is outside the group: its sampling is not counted), and with a `roles`
+    list, every ROLE_EVERY samples, (time.time(), {role: CPU s so far}) by process (ProcessRoles)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
@@ -146,10 +226,18 @@ def measure_tree(
     if group is not None and samples is not None:
         import threading
 
+        by_process = ProcessRoles(group) if roles is not None else None
+
         def sample() -> None:
-            while proc.poll() is None:
+            for i in itertools.count():
+                if proc.poll() is not None:
+                    break
                 samples.append((time.time(), group.cpu_s()))
+                if by_process is not None and i % ROLE_EVERY == 0:
+                    by_process.sample()
                 time.sleep(SAMPLE_S)
+            if by_process is not None and roles is not None:
+                roles.extend(by_process.samples)
 
         sampler = threading.Thread(target=sample, name="cpu-sampler", daemon=True)
         sampler.start()
@@ -361,19 +449,48 @@ def cpu_at(samples: list[tuple[float, float]], t: float) -> float:
     return samples[-1][1]
 
 
-def steady_window(samples: list[tuple[float, float]], run: dict) -> dict:
+def steady_window(samples: list[tuple[float, float]], run: dict, roles: list | None = None) -> dict:
     """The whole tree's CPU between the run's first and last embedded block at the driver, and the segment audio
     delivered after the first block (the same window as `timings.steady_audio_s_per_s`): no start-up, model load
-    or final commit inside it."""
+    or final commit inside it. With `roles` (measure_tree's), the same window's CPU by role too."""
     tm = run["timings"]
     if "first_output_s" not in tm or tm.get("last_output_s", 0.0) <= tm["first_output_s"]:
         raise ValueError(f"the run delivered fewer than two blocks: {tm}")
     start, end = run["started_at"] + tm["first_output_s"], run["started_at"] + tm["last_output_s"]
-    return {
+    window = {
         "cpu_s": round(cpu_at(samples, end) - cpu_at(samples, start), 3),
         "audio_s": tm["steady_audio_s"],
         "wall_s": round(end - start, 3),
     }
+    if roles:
+        names = sorted({name for _, by_role in roles for name in by_role})
+        window["by_role_cpu_s"] = {}
+        for name in names:
+            series = [(t, by_role.get(name, 0.0)) for t, by_role in roles]
+            try:
+                window["by_role_cpu_s"][name] = round(cpu_at(series, end) - cpu_at(series, start), 3)
+            except ValueError:  # the window runs past the role samples: no per-role figure for this run
+                window.pop("by_role_cpu_s")
+                break
+    return window
+
+
+def role_marginals(small: dict, big: dict) -> dict[str, float] | None:
+    """steady_marginal by role (CPU ms per audio s), and `not attributed`: the tree's marginal less their sum
+    (what processes spent after their last role sample, and the sampling's coarser ends)."""
+    ws, wb = small.get("window") or {}, big.get("window") or {}
+    if "by_role_cpu_s" not in ws or "by_role_cpu_s" not in wb:
+        return None
+    audio = wb["audio_s"] - ws["audio_s"]
+    out = {
+        name: round(
+            1000 * (wb["by_role_cpu_s"].get(name, 0.0) - ws["by_role_cpu_s"].get(name, 0.0)) / audio, 4
+        )
+        for name in sorted(set(ws["by_role_cpu_s"]) | set(wb["by_role_cpu_s"]))
+    }
+    out = dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    out["not attributed"] = round(1000 * steady_marginal(small, big) - sum(out.values()), 4)
+    return out
 
 
 def steady_marginal(small: dict, big: dict) -> float:
@@ -449,6 +566,7 @@ def pipeline_section(corpus: list[Path], stage_rows: list[dict], work: Path, n: 
                 "marginal_over_limit": round(marginal / limit, 3),
                 "model_cpu_ms_per_audio_s": round(1000 * model_cpu["cpu_s_per_audio_s"], 4),
                 "beside_model_over_limit": round(beside / limit, 3),
+                "marginal_by_role_cpu_ms_per_audio_s": role_marginals(small, big),
                 "fixed_cpu_s": round(fixed, 2),
                 "fixed_cpu_s_runs": [round(f, 2) for f in fixed_runs],
                 **over_floor(fixed, first_block, floor),
@@ -518,6 +636,10 @@ def print_pipeline_section(section: dict) -> None:
             + ", ".join(f"{r['tree_cpu_s']} CPU s / {r['first_block_s']:.2f} s" for r in fl["runs"])
             + "); -floor: a run's figure less that"
         )
+    for r in section["formats"]:
+        if r.get("marginal_by_role_cpu_ms_per_audio_s"):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in r["marginal_by_role_cpu_ms_per_audio_s"].items())
+            print(f"{r['format']} marginal by process, CPU ms per audio s: {parts}")
     froms = sorted({r["marginal_from"] for r in section["formats"]})
     print(
         f"pipeline x: the marginal through the {' / '.join(froms)}; the whole runs' fit beside it, ms per audio s: "
@@ -531,7 +653,8 @@ def main(argv: list[str]) -> int:
         inner = "--driver" if argv[0] == "--measure" else "--floor"
         cmd = [sys.executable, "-m", "benchmarks.pipeline_cost", inner, argv[1]]
         samples: list[tuple[float, float]] = []
-        cpu, out, err, rc = measure_tree(cmd, dict(os.environ), str(ROOT), samples=samples)
+        roles: list = []
+        cpu, out, err, rc = measure_tree(cmd, dict(os.environ), str(ROOT), samples=samples, roles=roles)
         sys.stderr.write(err[-6000:])
         runs = [x for x in out.splitlines() if x.startswith('{"run"')]
         if rc != 0 or not runs:
@@ -540,7 +663,7 @@ def main(argv: list[str]) -> int:
         window = None
         if inner == "--driver":
             try:  # no window without samples (no cgroup) or with fewer than two blocks: the whole runs' fit
-                window = steady_window(samples, result["run"]) if samples else None
+                window = steady_window(samples, result["run"], roles) if samples else None
             except ValueError as exc:
                 print(f"no steady window: {exc}", file=sys.stderr)
         print(json.dumps({"tree_cpu_s": round(cpu, 3), **result, "window": window}), flush=True)

@@ -17,6 +17,7 @@ from benchmarks.pipeline_cost import (
     fit,
     measure_floor,
     over_floor,
+    role_marginals,
     steady_marginal,
     steady_window,
 )
@@ -120,10 +121,10 @@ def test_the_sampled_tree_cpu_reads_a_window_inside_the_run():
         f"""
         import json, os, sys
         from benchmarks.pipeline_cost import measure_tree
-        samples = []
+        samples, roles = [], []
         cpu, out, err, rc = measure_tree([sys.executable, "-c", {PHASED!r}], dict(os.environ), os.getcwd(),
-                                         samples=samples)
-        print(json.dumps({{"cpu": cpu, "out": out, "samples": samples}}))
+                                         samples=samples, roles=roles)
+        print(json.dumps({{"cpu": cpu, "out": out, "samples": samples, "roles": roles}}))
         """
     )
     done = subprocess.run(
@@ -138,6 +139,42 @@ def test_the_sampled_tree_cpu_reads_a_window_inside_the_run():
     assert 0.45 <= burn <= 0.75, burn  # the burn, give or take a sample at each end
     assert before < burn / 2  # the interpreter's start-up, not the burn
     assert got["cpu"] >= burn
+    # by process: the one process of the tree, its role unknown ("other"), read every ROLE_EVERY samples
+    roles = got["roles"]
+    assert len(roles) >= 2 and set(roles[-1][1]) == {"other"}
+    assert 0.45 <= roles[-1][1]["other"] <= got["cpu"] + 0.02
+
+
+def test_the_marginal_by_role_comes_from_the_same_windows():
+    def run(audio: float) -> dict:
+        # from t0 + 10 s the decoder child spends 2 ms and the actor 1 ms per audio s at 100 audio s/s; before
+        # that, start-up: 8 CPU s in the actor
+        t0, span = 1000.0, audio / 100.0
+        times = [t0, t0 + 10] + [t0 + 10 + span * k / 10 for k in range(1, 11)]
+
+        def spent(t: float) -> tuple[float, float]:
+            a = max(0.0, t - t0 - 10) * 100  # audio s embedded by t
+            return 0.002 * a, 8.0 * min(1.0, (t - t0) / 10) + 0.001 * a
+
+        samples = [(t, sum(spent(t)) + 0.5) for t in times]  # 0.5: a process no role sample saw
+        roles = [
+            (t, {"decoder child": spent(t)[0], "embed actor": spent(t)[1]}) for t in times[::2] + times[-1:]
+        ]
+        timing = {
+            "first_output_s": 10.0 + span / 10,
+            "last_output_s": 10 + span,
+            "steady_audio_s": audio * 0.9,
+        }
+        return {"window": steady_window(samples, {"started_at": t0, "timings": timing}, roles)}
+
+    small, big = run(1440.0), run(4320.0)
+    assert small["window"]["by_role_cpu_s"]["decoder child"] == pytest.approx(0.002 * 1440 * 0.9, rel=1e-3)
+    by_role = role_marginals(small, big)
+    assert by_role == pytest.approx(
+        {"decoder child": 2.0, "embed actor": 1.0, "not attributed": 0.0}, abs=1e-3
+    )
+    assert list(by_role)[:2] == ["decoder child", "embed actor"]  # the largest first
+    assert role_marginals({"window": {"cpu_s": 1.0}}, big) is None  # no role samples: no breakdown
 
 
 def test_the_steady_marginal_comes_from_the_two_runs_windows():
