@@ -839,16 +839,8 @@ def part_driver(args, work: Path, release: Path) -> dict:
             "cpu_ms_per_segment_at_gpu_rate": 1000 * (fit["per_s_cpu_s"] / GPU_SEGMENTS_PER_S)
             + fit["per_segment_cpu_ms"],
         }
-    floor_per_s = out["ray_floor"]["cpu_ms_per_s"]
     for side in ("before", "after"):
-        x = out[side]
-        # the floor's share of each steady segment at that window's rate, and what is left: the pipeline's own
-        x["floor_cpu_ms_per_segment"] = {
-            k: round(floor_per_s / r, 4) for k, r in x["steady_segments_per_s"].items()
-        }
-        x["own_cpu_ms_per_segment"] = {
-            k: round(x["steady_cpu_ms_per_segment"][k] - x["floor_cpu_ms_per_segment"][k], 4) for k in models
-        }
+        out[side].update(floor_shares(out[side], out["ray_floor"]["cpu_ms_per_s"]))
     b, a = out["before"], out["after"]
     # the most any driver on Ray could show against the old release at the after run's rate: old / floor alone
     out["floor_caps_ratio_at"] = {
@@ -876,6 +868,15 @@ def part_driver(args, work: Path, release: Path) -> dict:
         ),
     }
     return out
+
+
+def floor_shares(side: dict, floor_cpu_ms_per_s: float) -> dict:
+    """Per model speed, the Ray floor's share of one steady segment at that window's rate (an idle Ray driver's
+    CPU per second over the segments per second) and what is left of the window's CPU per segment: the
+    pipeline's own."""
+    floor = {k: round(floor_cpu_ms_per_s / rate, 4) for k, rate in side["steady_segments_per_s"].items()}
+    own = {k: round(side["steady_cpu_ms_per_segment"][k] - floor[k], 4) for k in floor}
+    return {"floor_cpu_ms_per_segment": floor, "own_cpu_ms_per_segment": own}
 
 
 def fit_driver_cpu(windows: list[dict]) -> dict:

@@ -5,6 +5,7 @@ model, what embed_batch.py was) run alone; the FLOP count matches a hand count. 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from pipeline.checkpoints import checkpoint_config, write_random_checkpoint
 from pipeline.synth import music_like, write_audio
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flops_per_audio_second_matches_a_hand_count():
@@ -200,3 +202,44 @@ def test_driver_cpu_fit_separates_per_second_from_per_segment_cost():
     ]
     with pytest.raises(ValueError, match="same rate"):
         fit_driver_cpu(same_rate)
+
+
+def test_the_ray_floor_splits_the_drivers_cpu_per_segment():
+    from benchmarks.table import floor_shares
+
+    # an idle Ray driver at 2.5 ms/s; windows at 50 and 25 segments/s costing 0.1 and 0.2 ms per segment
+    side = {
+        "steady_segments_per_s": {"fast": 50.0, "slow": 25.0},
+        "steady_cpu_ms_per_segment": {"fast": 0.1, "slow": 0.2},
+    }
+    got = floor_shares(side, 2.5)
+    assert got["floor_cpu_ms_per_segment"] == {"fast": 0.05, "slow": 0.1}
+    assert got["own_cpu_ms_per_segment"] == {"fast": 0.05, "slow": 0.1}
+
+
+def test_the_ray_floor_child_reports_an_idle_drivers_cpu_per_second(tmp_path):
+    """The real child, in its own process: a local Ray started as a run starts it, one second idle."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"
+    }  # its own local Ray, not the tests' shared one
+    env["PYTHONPATH"] = str(ROOT)
+    spec = json.dumps({"settle_s": 0.5, "window_s": 1.0})
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.table", "--child", "ray_floor", "--spec", spec],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [x for x in done.stdout.splitlines() if x.startswith('{"child_result"')][-1]
+    got = json.loads(line)["child_result"]
+    assert 0.9 <= got["wall_s"] <= 5.0
+    assert 0.0 < got["cpu_ms_per_s"] < 500.0  # Ray's threads do something every second, far from a whole core
+    assert got["cpu_s"] == pytest.approx(got["cpu_ms_per_s"] * got["wall_s"] / 1000, rel=0.05, abs=0.002)
