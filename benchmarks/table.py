@@ -151,6 +151,15 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def thread_cpu_spent(before: dict[str, float], after: dict[str, float], at_least: float, digits: int) -> dict:
+    """CPU s each thread name spent between two thread_cpu() readings, the most first, those under `at_least`
+    left out."""
+    spent = {name: c - before.get(name, 0.0) for name, c in after.items()}
+    return {
+        name: round(d, digits) for name, d in sorted(spent.items(), key=lambda kv: -kv[1]) if d >= at_least
+    }
+
+
 def emit(result: dict) -> None:
     print(json.dumps({"child_result": result}), flush=True)
 
@@ -239,11 +248,7 @@ class DriverMeter:
             "wall_s": round(wall, 2),
             "segments": seg,
             "cpu_ms_per_segment": round(1000 * cpu / seg, 4),
-            "by_thread_cpu_s": {
-                name: round(c - self.threads_first.get(name, 0.0), 3)
-                for name, c in sorted(self.threads_last.items(), key=lambda kv: -kv[1])
-                if c - self.threads_first.get(name, 0.0) >= 0.005
-            },
+            "by_thread_cpu_s": thread_cpu_spent(self.threads_first, self.threads_last, 0.005, 3),
         }
 
 
@@ -310,11 +315,7 @@ def child_ray_floor(spec: dict) -> dict:
         "cpu_s": round(cpu, 4),
         "wall_s": round(wall, 2),
         "cpu_ms_per_s": round(1000 * cpu / wall, 3),
-        "by_thread_cpu_s": {
-            name: round(c - t0.get(name, 0.0), 4)
-            for name, c in sorted(t1.items(), key=lambda kv: -(kv[1] - t0.get(kv[0], 0.0)))
-            if c - t0.get(name, 0.0) >= 0.002
-        },
+        "by_thread_cpu_s": thread_cpu_spent(t0, t1, 0.002, 4),
     }
 
 
@@ -478,7 +479,7 @@ def child_ingest_new(spec: dict) -> dict:
 
     c0, w0 = cpu_s(), time.perf_counter()
     for block, metas in zip(sink_blocks, flushes_after, strict=True):
-        segments += _block_counts(timings, block, w0)[1]
+        segments += _block_counts(timings, block, w0)
         for rec in block.column("record").to_pylist():
             if rec is not None:
                 assembler.add_record(json.loads(rec))

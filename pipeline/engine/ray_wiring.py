@@ -203,14 +203,20 @@ class Attempts:
             raise PipelineError(f"no writer on the driver's node {here}: its attempts would not be counted")
         return cls(pool.by_node[here])
 
-    def begin(self, key: str) -> int:
+    def _ask(self, method: str, key: str) -> Any:
+        """`method` of the writer's counts for `key`, waited for (at most 60 s); None if the writer did not answer:
+        without the counter, Ray's own retry bound still holds."""
         import ray
 
         try:
-            ref = self.handle.begin_attempt.options(concurrency_group=ATTEMPTS_GROUP).remote(key)
-            return int(ray.get(ref, timeout=60))
-        except Exception:  # without the counter, Ray's own retry bound still holds
-            return 0
+            return ray.get(
+                getattr(self.handle, method).options(concurrency_group=ATTEMPTS_GROUP).remote(key), timeout=60
+            )
+        except Exception:
+            return None
+
+    def begin(self, key: str) -> int:
+        return int(self._ask("begin_attempt", key) or 0)
 
     def end(self, key: str) -> None:
         try:
@@ -222,14 +228,7 @@ class Attempts:
         """This try gave up on the input without reading it: it is no death, and the count stays at the deaths
         seen, so that every later try gives the same verdict. Waited for: the worker may die right after, under
         another input of its task."""
-        import ray
-
-        try:
-            ray.get(
-                self.handle.skip_attempt.options(concurrency_group=ATTEMPTS_GROUP).remote(key), timeout=60
-            )
-        except Exception:
-            pass
+        self._ask("skip_attempt", key)
 
 
 CALLS_AHEAD = 2  # embed calls a decode task keeps queued at its actor: one running, one waiting

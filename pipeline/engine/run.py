@@ -246,7 +246,7 @@ def run(cfg: RunConfig, log: Log = stderr_log) -> dict:
                     with signals.hold():  # a signal here waits for the block's commit, then ends the loop
                         if block is not None:  # None: a tick, with no decode task ended
                             received["blocks_bytes"] += block.nbytes
-                            received["segments"] += _block_counts(timings, block, t0)[1]
+                            received["segments"] += _block_counts(timings, block, t0)
                             for rec in block.column("record").to_pylist():
                                 if rec is not None:
                                     assembler.add_record(_json(rec))
@@ -450,8 +450,8 @@ def _gone(items: list[InputItem], latest: pa.Table) -> list[dict]:
     return [r for r in rows if r["recording_id"] not in listed and r["status"] != "deleted"]
 
 
-def _block_counts(timings: dict, block: pa.Table, t0: float) -> tuple[float, int]:
-    """Note when a block reached the driver; returns the segment audio seconds and segments it reports."""
+def _block_counts(timings: dict, block: pa.Table, t0: float) -> int:
+    """Note when a block reached the driver, and the segment audio it reports; returns its segment count."""
     import pyarrow.compute as pc
 
     now = round(time.time() - t0, 3)
@@ -463,7 +463,7 @@ def _block_counts(timings: dict, block: pa.Table, t0: float) -> tuple[float, int
     else:
         timings["steady_audio_s"] += seg
     timings["last_output_s"] = now
-    return seg, count
+    return count
 
 
 def _versions() -> dict:
