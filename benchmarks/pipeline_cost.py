@@ -62,9 +62,10 @@ PIPELINE_CONV_DIM = 4
 # here two torch threads on two cores spin against the decode slot: the actor's CPU in the steady window was
 # 1.70 ms per audio s at 2 threads and 0.90 at 1, at the same wall clock (24 MP3 files, 2026-12-03).
 PIPELINE_CPUS_PER_ACTOR = 1.0
-ROLE_EVERY = 10  # every this many samples, the CPU of each process in the group too, by role (process_roles)
+ROLE_EVERY = 10  # every this many samples, the CPU of each process in the group too, by role (ProcessRoles)
 # A process's role from its command line, first match: Ray workers retitle themselves per task (`ray::IDLE` between
-# tasks), so a pid keeps the first role other than "ray worker (idle)" it is seen with.
+# tasks), so a pid keeps the first role other than IDLE_ROLE it is seen with.
+IDLE_ROLE = "ray worker (idle)"
 ROLES = (
     ("-m pipeline.audio", "decoder child"),
     ("EmbedStage", "embed actor"),
@@ -76,14 +77,12 @@ ROLES = (
     ("log_monitor", "log monitor"),
     ("monitor.py", "autoscaler monitor"),
     ("RuntimeEnv", "runtime env agent"),
-    ("ray::IDLE", "ray worker (idle)"),
-    ("default_worker.py", "ray worker (idle)"),  # a worker not yet retitled
+    ("ray::IDLE", IDLE_ROLE),
+    ("default_worker.py", IDLE_ROLE),  # a worker not yet retitled
 )
-BINARIES = {
-    "raylet": "raylet",
-    "gcs_server": "GCS",
-}  # by the executable's name: the raylet's arguments hold the
-# worker's and the agents' command lines
+# Roles by the executable's name, before ROLES: the raylet's arguments hold the worker's and the agents' command
+# lines.
+BINARIES = {"raylet": "raylet", "gcs_server": "GCS"}
 FLOOR_RUNS = 2  # fresh Ray floor processes per section (their mean is subtracted)
 FLOOR_BLOCKS = 8  # items through the floor's two stages, one block each (a run of N files has N decode tasks)
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +174,7 @@ class ProcessRoles:
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 cpu = (int(stat[11]) + int(stat[12])) / self.tick
-                if self.role.get(pid, "ray worker (idle)") == "ray worker (idle)":
+                if self.role.get(pid, IDLE_ROLE) == IDLE_ROLE:
                     cmd = (
                         Path(f"/proc/{pid}/cmdline")
                         .read_bytes()
